@@ -1,0 +1,24 @@
+"""gradguard: keep PyTorch training stable.
+
+A torch-compatible clipping core that is faster and never silently corrupts gradients, adaptive clippers, a Guard
+that keeps non-finite values out of the weights, and monitoring. Public names only; see the README.
+"""
+
+from gradguard.functional import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    clip_grads_with_norm_,
+    get_total_norm,
+    grad_norms,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "clip_grads_with_norm_",
+    "get_total_norm",
+    "grad_norms",
+]

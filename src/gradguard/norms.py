@@ -1,0 +1,300 @@
+r"""The norm engine: every gradient norm in gradguard is computed here, once.
+
+For tensors :math:`g_1, \dots, g_n` and :math:`p \in (0, \infty]` the engine gives the per-tensor norms
+:math:`\|g_i\|_p` and the total norm
+
+.. math::
+    \|g\|_p = \Big\| \big(\|g_1\|_p, \dots, \|g_n\|_p\big) \Big\|_p ,
+
+the norm of all gradients viewed as one vector (the quantity ``torch.nn.utils.clip_grad_norm_`` clips by).
+
+How it is computed:
+
+* tensors are grouped by ``(device, dtype)``; each group is reduced with the fastest kernel for its device;
+* accumulation is in float32 (float64 for float64 / complex128 gradients), so finite float16 / bfloat16 gradients
+  never overflow to an infinite norm (torch keeps per-tensor norms in the gradient dtype: an fp16 gradient with
+  norm 8e4 gives ``inf``);
+* on CPU, the 2-norm uses a BLAS dot product per tensor, the inf-norm one ``aminmax`` pass, reduced-precision
+  tensors are upcast chunk by chunk into a small cache-resident buffer, and, when only the total is needed,
+  small tensors are concatenated so that thousands of them cost a few kernel calls;
+* on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
+  to the host;
+* empty tensors have norm 0 for every ``p``.
+
+A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
+finite flag of the whole gradient set at no extra cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from gradguard._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_gradient, check_norm_type
+
+__all__ = [
+    "accumulation_dtype",
+    "check_tensors",
+    "combine_norms",
+    "group_by_device_and_dtype",
+    "tensor_norms",
+    "total_norm",
+    "use_foreach",
+]
+
+_SMALL = 1 << 16  # tensors with fewer elements are batched together on CPU when only the total is needed
+_CHUNK = 1 << 18  # elements per float32 upcast chunk for reduced-precision tensors on CPU (1 MiB buffer)
+_SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms of ``dtype`` tensors are accumulated and returned in: float64 for 64-bit, else float32."""
+    return torch.float64 if dtype in (torch.float64, torch.complex128) else torch.float32
+
+
+def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by ``(device, dtype)``, in first-seen order."""
+    by_key: dict[object, list[int]] = {}
+    for i, t in enumerate(tensors):  # CPU tensors are keyed by dtype alone: building devices is the slow part
+        key = t.dtype if t.is_cpu else (t.device, t.dtype)
+        group = by_key.get(key)
+        if group is None:
+            by_key[key] = [i]
+        else:
+            group.append(i)
+    cpu = torch.device("cpu")
+    return {(k if isinstance(k, tuple) else (cpu, k)): v for k, v in by_key.items()}  # type: ignore[misc]
+
+
+def combine_norms(norms: Tensor, norm_type: float) -> Tensor:
+    """The p-norm of a vector of norms: the total norm of the tensors they came from."""
+    if norms.numel() == 0:
+        return norms.new_zeros(())
+    if math.isinf(norm_type):
+        return norms.amax()  # amax propagates NaN
+    return torch.linalg.vector_norm(norms, norm_type)
+
+
+# --------------------------------------------------------------------------------------------------- CPU kernels
+def _vector_norm(v: Tensor, p: float) -> Tensor:
+    """p-norm of a 1-D contiguous float32/float64 vector, in its dtype, by the fastest CPU kernel."""
+    if v.numel() == 0:
+        return v.new_zeros(())
+    if p == 2.0:
+        return torch.dot(v, v).sqrt()
+    if math.isinf(p):
+        lo, hi = torch.aminmax(v)
+        return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
+    return torch.linalg.vector_norm(v, p)
+
+
+class _UpcastBuffer:
+    """A reusable float32/float64 scratch buffer, so reduced-precision tensors are read once and never copied whole."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[torch.dtype, Tensor] = {}
+
+    def get(self, n: int, dtype: torch.dtype) -> Tensor:
+        buf = self._bufs.get(dtype)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, _CHUNK), dtype=dtype)
+            self._bufs[dtype] = buf
+        return buf[:n]
+
+
+def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
+    """Norm of one CPU tensor in its accumulation dtype."""
+    acc = accumulation_dtype(t.dtype)
+    if t.numel() == 0:
+        return torch.zeros((), dtype=acc)
+    if t.is_complex():
+        return torch.linalg.vector_norm(t, p)
+    if t.dtype == acc:
+        return _vector_norm(t.reshape(-1), p)  # a view when contiguous
+    flat = t.reshape(-1)
+    parts = []
+    for chunk in torch.split(flat, _CHUNK):
+        buf = scratch.get(chunk.numel(), acc)
+        buf.copy_(chunk)
+        parts.append(_vector_norm(buf, p))
+    return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), p)
+
+
+def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
+    """Total norm of a same-dtype CPU group.
+
+    Large tensors are reduced one by one; small ones are concatenated (grouped by trailing shape, so no per-tensor
+    reshape is needed) into the scratch buffer, upcast on the way, and reduced a batch at a time.
+    """
+    acc = accumulation_dtype(tensors[0].dtype)
+    if tensors[0].is_complex():
+        return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
+    parts: list[Tensor] = []
+    by_rest: dict[object, list[tuple[Tensor, int]]] = {}
+    for t in tensors:
+        n = t.numel()
+        if n >= _SMALL:
+            parts.append(_cpu_tensor_norm(t, p, scratch))
+        elif n:
+            d = t.dim()
+            key = d if d < 2 else t.shape[1:]  # 0-d and 1-d tensors need no shape
+            items = by_rest.get(key)
+            if items is None:
+                by_rest[key] = [(t, n)]
+            else:
+                items.append((t, n))
+    for rest, items in by_rest.items():
+        if rest == 0:
+            parts.append(_vector_norm(torch.stack([t for t, _ in items]).to(acc), p))
+            continue
+        shape = () if rest == 1 else tuple(rest)  # type: ignore[arg-type]
+        row = math.prod(shape)
+        start = 0
+        while start < len(items):
+            end, size = start, 0
+            while end < len(items) and (end == start or size + items[end][1] <= _CHUNK):
+                size += items[end][1]
+                end += 1
+            buf = scratch.get(size, acc)
+            torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
+            parts.append(_vector_norm(buf, p))
+            start = end
+    if not parts:
+        return torch.zeros((), dtype=acc)
+    return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), p)
+
+
+def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> list[Tensor]:
+    """Per-tensor norms of a same-dtype CPU group: large tensors by the fast kernels, small ones by one foreach call."""
+    acc = accumulation_dtype(tensors[0].dtype)
+    out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    small = []
+    for i, t in enumerate(tensors):
+        n = t.numel()
+        if n >= _SMALL or n == 0 or t.is_complex():
+            out[i] = _cpu_tensor_norm(t, p, scratch)
+        else:
+            small.append(i)
+    if small:
+        for i, norm in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=acc)):
+            out[i] = norm
+    return out
+
+
+# ----------------------------------------------------------------------------------------- accelerator kernels
+def use_foreach(device: torch.device, foreach: bool | None) -> bool:
+    """Whether to use the foreach kernels on ``device``; ``foreach=True`` on a device without them raises."""
+    from torch.utils._foreach_utils import _device_has_foreach_support
+
+    supported = _device_has_foreach_support(device)
+    if foreach and not supported:
+        raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
+    return supported and foreach is not False
+
+
+def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
+    """Per-tensor norms of a same-(device, dtype) group on an accelerator: one fused kernel, no host read."""
+    acc = accumulation_dtype(tensors[0].dtype)
+    out: list[Tensor | None] = [None] * len(tensors)
+    nonempty = [i for i, t in enumerate(tensors) if t.numel()]
+    if nonempty:
+        ts = [tensors[i] for i in nonempty]
+        if use_foreach(ts[0].device, foreach):
+            norms = list(torch._foreach_norm(ts, p, dtype=acc))
+        else:
+            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+        for i, norm in zip(nonempty, norms):
+            out[i] = norm
+    zero = None
+    for i, n in enumerate(out):
+        if n is None:
+            zero = zero if zero is not None else torch.zeros((), dtype=acc, device=tensors[i].device)
+            out[i] = zero
+    return out  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------------------------------- public
+def check_tensors(tensors: Iterable[Tensor], name: str = "tensors") -> list[Tensor]:
+    """``tensors`` as a list, each checked to be a dense floating-point or complex tensor (one cheap pass)."""
+    ts = list(tensors)
+    bad = [
+        i
+        for i, t in enumerate(ts)
+        if not isinstance(t, Tensor) or t.layout != torch.strided or t.dtype not in _SUPPORTED
+    ]
+    if bad:
+        i = bad[0]
+        if not isinstance(ts[i], Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(ts[i]).__name__}")
+        check_gradient(ts[i], f"{name}[{i}]")  # raises with the precise reason
+    return ts
+
+
+@torch.no_grad()
+def tensor_norms(
+    tensors: Iterable[Tensor], norm_type: float | str = 2.0, foreach: bool | None = None, *, check: bool = True
+) -> Tensor:
+    """Per-tensor p-norms as one 1-D tensor on the first tensor's device, in input order.
+
+    Each entry is :math:`\\|g_i\\|_p` accumulated in float32 (float64 if any input is 64-bit); no host
+    synchronisation. ``check=False`` skips argument checks the caller has already made.
+
+    >>> import torch, gradguard.norms as N
+    >>> N.tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2)
+    tensor([5., 2.])
+    """
+    p = check_norm_type(norm_type) if check else float(norm_type)
+    ts = check_tensors(tensors) if check else list(tensors)
+    if not ts:
+        return torch.zeros(0)
+    first = ts[0].device
+    out: list[Tensor] = [None] * len(ts)  # type: ignore[list-item]
+    scratch = _UpcastBuffer()
+    for (device, _), idx in group_by_device_and_dtype(ts).items():
+        group = [ts[i] for i in idx]
+        norms = _cpu_group_norms(group, p, scratch) if device.type == "cpu" else _device_group_norms(group, p, foreach)
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return _stack_on(out, first)
+
+
+@torch.no_grad()
+def total_norm(
+    tensors: Iterable[Tensor], norm_type: float | str = 2.0, foreach: bool | None = None, *, check: bool = True
+) -> Tensor:
+    """The p-norm of all ``tensors`` viewed as one vector, a 0-d tensor on the first tensor's device.
+
+    float32 (float64 if any input is 64-bit); ``tensor(0.)`` for no tensors; no host synchronisation.
+    ``check=False`` skips argument checks the caller has already made.
+
+    >>> import torch, gradguard.norms as N
+    >>> N.total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
+    tensor(5.)
+    """
+    p = check_norm_type(norm_type) if check else float(norm_type)
+    ts = check_tensors(tensors) if check else list(tensors)
+    if not ts:
+        return torch.tensor(0.0)
+    first = ts[0].device
+    parts: list[Tensor] = []
+    scratch = _UpcastBuffer()
+    for (device, _), idx in group_by_device_and_dtype(ts).items():
+        group = [ts[i] for i in idx]
+        if device.type == "cpu":
+            parts.append(_cpu_group_total(group, p, scratch))
+        else:
+            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, foreach)), p))
+    return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
+
+
+def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
+    """Stack 0-d tensors on ``device`` in a common accumulation dtype (float64 if any is)."""
+    v0 = values[0]
+    if all(v.dtype == v0.dtype and v.device == v0.device for v in values):  # one group: the common case
+        stacked = torch.stack(values)
+        return stacked if v0.device == device else stacked.to(device, non_blocking=True)
+    dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
+    return torch.stack([v.to(device=device, dtype=dtype, non_blocking=True) for v in values])

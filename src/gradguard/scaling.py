@@ -1,0 +1,88 @@
+r"""In-place scaling of gradients: the one write pass every clipping strategy ends with.
+
+The clipping coefficient follows ``torch.nn.utils.clip_grad_norm_``:
+
+.. math::
+    c = \min\Big(\frac{\text{max\_norm}}{\|g\| + 10^{-6}},\ 1\Big), \qquad g \leftarrow c\, g ,
+
+with one deliberate difference: where :math:`\|g\|` is NaN or infinite the coefficient is 1, so gradients are left
+as they were (torch multiplies them by NaN or 0, destroying the finite ones too). The non-finite norm is returned to
+the caller, whose job it is to skip the step (see :class:`gradguard.Guard`).
+
+On CPU the coefficient is read on the host (free there) and the write pass is skipped when nothing needs
+scaling; on accelerators the multiplication always runs, with the coefficient as a device tensor, so no
+host-device synchronisation is introduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from gradguard.norms import group_by_device_and_dtype, use_foreach
+
+__all__ = ["EPS", "clip_coefficient", "scale_"]
+
+EPS = 1e-6
+"""Added to the norm before dividing, as in torch (``max_norm / (total_norm + 1e-6)``)."""
+
+
+def clip_coefficient(max_norm: float | Tensor, norm: Tensor) -> Tensor:
+    """``min(max_norm / (norm + 1e-6), 1)``, and 1 where ``norm`` is not finite. Element-wise; no host read."""
+    coef = torch.clamp(max_norm / (norm + EPS), max=1.0)
+    return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+
+def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
+    return coef.is_cpu and all(t.is_cpu for t in tensors)
+
+
+@torch.no_grad()
+def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
+    """Multiply ``tensors`` in place by ``coef``: a 0-d tensor (one factor) or a 1-d tensor (one per tensor).
+
+    Factors equal to 1 are skipped on CPU. Nothing is read back from an accelerator.
+    """
+    if not tensors:
+        return
+    per_tensor = coef.dim() == 1
+    if per_tensor and coef.numel() != len(tensors):
+        raise ValueError(f"coef has {coef.numel()} entries for {len(tensors)} tensors")
+    if _on_host(coef, tensors):
+        values = coef.tolist() if per_tensor else [coef.item()] * len(tensors)
+        keep = [i for i, v in enumerate(values) if v != 1.0]
+        if not keep:
+            return
+        if not per_tensor:
+            _mul_groups([tensors[i] for i in keep], coef, foreach)
+            return
+        for i in keep:  # CPU: per-tensor scalars, no broadcast copies
+            tensors[i].mul_(values[i])
+        return
+    if per_tensor:
+        for (device, _), idx in group_by_device_and_dtype(tensors).items():
+            ts = [tensors[i] for i in idx]
+            cs = list(coef.to(device, non_blocking=True)[idx].unbind())
+            if use_foreach(device, foreach):
+                torch._foreach_mul_(ts, cs)
+            else:
+                for t, c in zip(ts, cs):
+                    t.mul_(c)
+        return
+    _mul_groups(tensors, coef, foreach)
+
+
+def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None) -> None:
+    coefs: dict[torch.device, Tensor] = {}
+    for (device, _), idx in group_by_device_and_dtype(tensors).items():
+        c = coefs.get(device)
+        if c is None:
+            c = coefs[device] = coef.to(device, non_blocking=True)
+        ts = [tensors[i] for i in idx]
+        if use_foreach(device, foreach):
+            torch._foreach_mul_(ts, c)
+        else:
+            for t in ts:
+                t.mul_(c)
