@@ -26,21 +26,7 @@ from collections.abc import Callable
 import torch
 
 import gradguard as gg
-
-
-def gpt2_small_shapes() -> list[tuple[int, ...]]:
-    """The 148 parameter shapes of GPT-2 small (124.4M values; the LM head is tied to the token embedding)."""
-    shapes: list[tuple[int, ...]] = [(50257, 768), (1024, 768)]
-    for _ in range(12):
-        shapes += [(768,), (768,), (768, 2304), (2304,), (768, 768), (768,)]  # ln_1, attn.c_attn, attn.c_proj
-        shapes += [(768,), (768,), (768, 3072), (3072,), (3072, 768), (768,)]  # ln_2, mlp.c_fc, mlp.c_proj
-    shapes += [(768,), (768,)]  # ln_f
-    return shapes
-
-
-def small_shapes(n: int = 5000, seed: int = 0) -> list[tuple[int, ...]]:
-    g = torch.Generator().manual_seed(seed)
-    return [(int(s),) for s in torch.randint(16, 2048, (n,), generator=g)]
+from shapes import gpt2_small_shapes, small_shapes
 
 
 def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:

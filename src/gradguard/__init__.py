@@ -4,6 +4,18 @@ A torch-compatible clipping core that is faster and never silently corrupts grad
 that keeps non-finite values out of the weights, and monitoring. Public names only; see the README.
 """
 
+from gradguard.clippers import (
+    AGC,
+    AdaGC,
+    AutoClip,
+    Chain,
+    Clipper,
+    ClipStats,
+    LayerwiseClip,
+    NormClip,
+    ValueClip,
+    ZClip,
+)
 from gradguard.functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -15,6 +27,16 @@ from gradguard.functional import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AdaGC",
+    "AutoClip",
+    "Chain",
+    "ClipStats",
+    "Clipper",
+    "LayerwiseClip",
+    "NormClip",
+    "ValueClip",
+    "ZClip",
     "__version__",
     "clip_grad_norm_",
     "clip_grad_value_",

@@ -40,8 +40,10 @@ __all__ = [
     "check_tensors",
     "combine_norms",
     "group_by_device_and_dtype",
+    "group_norms",
     "tensor_norms",
     "total_norm",
+    "unit_norms",
     "use_foreach",
 ]
 
@@ -298,3 +300,44 @@ def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
         return stacked if v0.device == device else stacked.to(device, non_blocking=True)
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
     return torch.stack([v.to(device=device, dtype=dtype, non_blocking=True) for v in values])
+
+
+def unit_norms(
+    tensor: Tensor, view_shape: Sequence[int] | None, reduce_dims: Sequence[int], norm_type: float = 2.0
+) -> Tensor:
+    """Norms of the *units* of ``tensor``: ``tensor.view(view_shape)`` reduced over ``reduce_dims`` (kept as size 1).
+
+    The result broadcasts against ``tensor.view(view_shape)``, so a per-unit coefficient multiplies it directly.
+    Examples of layouts (AGC, Brock et al. 2021): a Linear weight ``[out, in]`` is ``view_shape=(out, -1)``,
+    ``reduce_dims=(1,)``; a ConvTranspose weight ``[in, out/g, *k]`` with ``g`` groups is
+    ``view_shape=(g, in/g, out/g, -1)``, ``reduce_dims=(1, 3)``. Accumulated in float32 (float64 for float64).
+
+    >>> import torch, gradguard.norms as N
+    >>> N.unit_norms(torch.tensor([[3.0, 4.0], [0.0, 2.0]]), (2, -1), (1,))
+    tensor([[5.],
+            [2.]])
+    """
+    p = float(norm_type)
+    acc = accumulation_dtype(tensor.dtype)
+    x = tensor if view_shape is None else tensor.reshape(tuple(view_shape))
+    dims = tuple(reduce_dims)
+    if x.numel() == 0:
+        shape = [1 if d in dims else s for d, s in enumerate(x.shape)]
+        return torch.zeros(shape, dtype=acc, device=x.device)
+    return torch.linalg.vector_norm(x, p, dim=dims, keepdim=True, dtype=None if x.dtype == acc else acc)
+
+
+def group_norms(norms: Tensor, group_index: Tensor, num_groups: int, norm_type: float = 2.0) -> Tensor:
+    """Combine per-tensor norms into per-group norms: ``out[k] = ‖(norms[i] for i with group_index[i] == k)‖_p``.
+
+    ``group_index`` is a 1-D int64 tensor on ``norms``' device; no host synchronisation.
+
+    >>> import torch, gradguard.norms as N
+    >>> N.group_norms(torch.tensor([3.0, 4.0, 2.0]), torch.tensor([0, 0, 1]), 2)
+    tensor([5., 2.])
+    """
+    p = float(norm_type)
+    out = norms.new_zeros(num_groups)
+    if math.isinf(p):
+        return out.scatter_reduce_(0, group_index, norms, reduce="amax", include_self=True)
+    return out.index_add_(0, group_index, norms.pow(p)).pow_(1.0 / p)

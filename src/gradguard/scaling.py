@@ -23,7 +23,7 @@ from torch import Tensor
 
 from gradguard.norms import group_by_device_and_dtype, use_foreach
 
-__all__ = ["EPS", "clip_coefficient", "scale_"]
+__all__ = ["EPS", "clip_coefficient", "scale_", "scale_units_"]
 
 EPS = 1e-6
 """Added to the norm before dividing, as in torch (``max_norm / (total_norm + 1e-6)``)."""
@@ -86,3 +86,14 @@ def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None) -
         else:
             for t in ts:
                 t.mul_(c)
+
+
+@torch.no_grad()
+def scale_units_(view: Tensor, coef: Tensor) -> None:
+    """Multiply ``view`` in place by ``coef`` broadcast over it (one factor per unit, e.g. per output row).
+
+    On CPU the write is skipped when every factor is 1; on accelerators it always runs (no host read).
+    """
+    if view.is_cpu and coef.is_cpu and not bool((coef != 1).any()):
+        return
+    view.mul_(coef.to(view.device, non_blocking=True))

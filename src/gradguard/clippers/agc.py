@@ -1,0 +1,174 @@
+r"""Adaptive Gradient Clipping, unit-wise (Brock, De, Smith & Simonyan, "High-Performance Large-Scale Image
+Recognition Without Normalization", ICML 2021, arXiv:2102.06171, section 4).
+
+For every unit :math:`i` (an output unit of a layer) with weights :math:`W^i` and gradient :math:`G^i`:
+
+.. math::
+    m^i = \lambda \max(\|W^i\|_F, \epsilon), \qquad
+    G^i \leftarrow \begin{cases} G^i \, m^i / \max(\|G^i\|_F, 10^{-6}) & \text{if } \|G^i\|_F > m^i \\
+                                 G^i & \text{otherwise.} \end{cases}
+
+Units in PyTorch layouts: Linear ``[out, in]`` and ConvNd ``[out, in/g, *k]`` use dim 0 (one unit per row);
+ConvTransposeNd weights are ``[in, out/g, *k]``, so their output units are along dim 1 (within each group) — timm's
+``adaptive_clip_grad`` uses dim 0 there, which mixes units. 0-d and 1-d tensors (biases, norm scales) are one unit.
+A gradient is never scaled up. The paper does not clip the final classifier: pass its names in ``exclude``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import norms
+from gradguard._checks import check_nonnegative, check_norm_type
+from gradguard.clippers.base import Clipper, ClipStats, ParamInfo, name_filter
+from gradguard.scaling import scale_, scale_units_
+
+__all__ = ["AGC", "unit_layout"]
+
+_MIN_GRAD_NORM = 1e-6
+
+
+def unit_layout(param: Tensor, module: nn.Module | None) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(view_shape, reduce_dims)`` that exposes the output units of ``param``, or ``None`` for a single unit."""
+    if param.dim() <= 1:
+        return None
+    is_weight = module is not None and getattr(module, "weight", None) is param
+    if is_weight and isinstance(module, nn.modules.conv._ConvTransposeNd):
+        g = module.groups
+        return (g, param.shape[0] // g, param.shape[1], -1), (1, 3)
+    return (param.shape[0], -1), (1,)
+
+
+def _agc_coef(w_norm: Tensor, g_norm: Tensor, clipping: float, eps: float) -> Tensor:
+    """Per-unit factor: ``m / max(g, 1e-6)`` where ``g > m = clipping * max(w, eps)``, else 1 (NaN-safe: 1)."""
+    limit = w_norm.clamp(min=eps).mul_(clipping)
+    return torch.where(g_norm > limit, limit / g_norm.clamp(min=_MIN_GRAD_NORM), 1.0)
+
+
+class AGC(Clipper):
+    r"""Unit-wise adaptive gradient clipping (NFNets), batched and correct for ConvTranspose.
+
+    .. math:: G^i \leftarrow G^i \cdot \min\Big(1, \frac{\lambda \max(\|W^i\|, \epsilon)}{\max(\|G^i\|, 10^{-6})}\Big)
+
+    Args:
+        clipping: :math:`\lambda`, the largest allowed ratio of gradient to weight norm per unit (paper: 0.01 for
+            large batches, larger for small ones).
+        eps: :math:`\epsilon`, the floor on weight norms, so zero-initialised units can still move.
+        exclude: parameter names (exact, or glob patterns such as ``"head.*"``) or a predicate on the name; the
+            paper excludes the final linear layer. Excluded gradients are not clipped (but count in ``stats.norm``).
+        norm_type: the unit norm (2 in the paper).
+
+    Pass the module (``clipper(model)``) so ConvTranspose weights are recognised; with bare tensors every
+    weight uses dim 0. ``stats.coef`` is the smallest factor over all units; per-parameter detail is included.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        >>> model(torch.randn(16, 4)).pow(2).sum().mul(1e3).backward()
+        >>> stats = gg.AGC(clipping=0.01, exclude=["2.*"])(model)
+        >>> w, g = model[0].weight, model[0].weight.grad
+        >>> bool((g.norm(dim=1) <= 0.01 * w.norm(dim=1).clamp(min=1e-3) * (1 + 1e-5)).all())
+        True
+    """
+
+    def __init__(
+        self,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: str | Iterable[str] | Callable[[str], bool] | None = None,
+        norm_type: float | str = 2.0,
+    ) -> None:
+        self.clipping = check_nonnegative(clipping, "clipping", allow_inf=False)
+        self.eps = check_nonnegative(eps, "eps", allow_inf=False)
+        self.norm_type = check_norm_type(norm_type)
+        self.exclude = exclude
+        self._excluded = name_filter(exclude)
+
+    def clip(self, params: list[ParamInfo]) -> ClipStats:
+        p = self.norm_type
+        unitwise: list[int] = []
+        unit_g: list[Tensor] = []
+        unit_c: list[Tensor] = []
+        whole: list[int] = []
+        skipped: list[int] = []
+        for k, info in enumerate(params):
+            if self._excluded(info.name):
+                skipped.append(k)
+                continue
+            layout = unit_layout(info.param, info.module)
+            if layout is None:
+                whole.append(k)
+                continue
+            view_shape, dims = layout
+            grad = info.grad
+            g_units = norms.unit_norms(grad, view_shape, dims, p)
+            coef = _agc_coef(norms.unit_norms(info.param.detach(), view_shape, dims, p), g_units, self.clipping, self.eps)
+            shape = _view_shape(grad, view_shape)
+            if grad.is_contiguous():
+                scale_units_(grad.view(shape), coef)
+            else:  # rare: a strided gradient; scale a contiguous copy and write it back
+                tmp = grad.reshape(shape).clone()
+                scale_units_(tmp, coef)
+                grad.copy_(tmp.view(grad.shape))
+            unitwise.append(k)
+            unit_g.append(g_units.reshape(-1))
+            unit_c.append(coef.reshape(-1))
+        order: list[int] = []
+        per_parts: list[Tensor] = []
+        coef_parts: list[Tensor] = []
+        if unitwise:  # per-parameter norm and smallest factor from the unit values: a few ops, not two per tensor
+            counts = [u.numel() for u in unit_g]
+            owner = torch.repeat_interleave(torch.arange(len(unitwise)), torch.tensor(counts)).to(unit_g[0].device)
+            g_all = torch.cat(unit_g)
+            per_parts.append(norms.group_norms(g_all, owner, len(unitwise), p))
+            coef_parts.append(
+                torch.ones(len(unitwise), dtype=g_all.dtype, device=g_all.device).scatter_reduce_(
+                    0, owner, torch.cat(unit_c).to(g_all.dtype), reduce="amin"
+                )
+            )
+            order += unitwise
+        if whole:
+            grads = [params[k].grad for k in whole]
+            g_norms = norms.tensor_norms(grads, p, check=False)
+            coefs = _agc_coef(
+                norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False),
+                g_norms,
+                self.clipping,
+                self.eps,
+            )
+            scale_(grads, coefs)
+            per_parts.append(g_norms)
+            coef_parts.append(coefs)
+            order += whole
+        if skipped:
+            s_norms = norms.tensor_norms([params[k].grad for k in skipped], p, check=False)
+            per_parts.append(s_norms)
+            coef_parts.append(torch.ones_like(s_norms))
+            order += skipped
+        dtype = torch.float64 if any(t.dtype == torch.float64 for t in per_parts) else torch.float32
+        device = per_parts[0].device
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(device)  # back to parameter order
+        per = torch.cat([t.to(device, dtype) for t in per_parts])[inverse]
+        per_coef = torch.cat([t.to(device, dtype) for t in coef_parts])[inverse]
+        coef_min = per_coef.amin()
+        return ClipStats(
+            norm=norms.combine_norms(per, p),
+            threshold=torch.full((), math.inf, dtype=dtype, device=device),
+            coef=coef_min,
+            clipped=coef_min < 1,
+            names=tuple(i.name for i in params),
+            tensor_norms=per,
+            tensor_coefs=per_coef,
+        )
+
+
+def _view_shape(t: Tensor, view_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Resolve the ``-1`` of ``view_shape`` for ``t``."""
+    known = math.prod(s for s in view_shape if s != -1)
+    return tuple(t.numel() // known if s == -1 else s for s in view_shape)
