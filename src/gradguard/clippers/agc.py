@@ -106,7 +106,8 @@ class AGC(Clipper):
             view_shape, dims = layout
             grad = info.grad
             g_units = norms.unit_norms(grad, view_shape, dims, p)
-            coef = _agc_coef(norms.unit_norms(info.param.detach(), view_shape, dims, p), g_units, self.clipping, self.eps)
+            w_units = norms.unit_norms(info.param.detach(), view_shape, dims, p)
+            coef = _agc_coef(w_units, g_units, self.clipping, self.eps)
             shape = _view_shape(grad, view_shape)
             if grad.is_contiguous():
                 scale_units_(grad.view(shape), coef)
