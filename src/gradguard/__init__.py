@@ -16,6 +16,7 @@ from gradguard.clippers import (
     ValueClip,
     ZClip,
 )
+from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, locate_nonfinite
 from gradguard.functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -23,6 +24,7 @@ from gradguard.functional import (
     get_total_norm,
     grad_norms,
 )
+from gradguard.guard import Guard, SpikeDetector, StepReport
 
 __version__ = "0.1.0"
 
@@ -33,8 +35,14 @@ __all__ = [
     "Chain",
     "ClipStats",
     "Clipper",
+    "Diagnosis",
+    "Guard",
     "LayerwiseClip",
+    "NonFiniteError",
     "NormClip",
+    "SpikeDetector",
+    "StepReport",
+    "TrainingDivergedError",
     "ValueClip",
     "ZClip",
     "__version__",
@@ -43,4 +51,5 @@ __all__ = [
     "clip_grads_with_norm_",
     "get_total_norm",
     "grad_norms",
+    "locate_nonfinite",
 ]

@@ -1,0 +1,420 @@
+"""The Guard: a fault-injection matrix, policies, state preservation, diagnosis, and the locator vs detect_anomaly."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import gradguard as gg
+
+
+class Faulty(nn.Module):
+    """A small network whose nested module ``encoder.layers.1.attn`` can be made to fail in chosen ways."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 1)
+        self.fault: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.encoder.layers:
+            layer.attn.fault = self.fault
+            x = layer(x)
+        return self.head(x)
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = Attn()
+        self.mlp = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.attn(x)).tanh()
+
+
+class Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.fault: str | None = None
+        self.is_target = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        if self.is_target and self.fault == "log0":
+            return torch.log(h * 0.0)  # log(0) = -inf
+        if self.is_target and self.fault == "div0":
+            return h / (h - h)  # division by zero
+        if self.is_target and self.fault == "sqrt0":
+            return torch.sqrt(h * 0.0) + h  # finite forward, infinite derivative at 0
+        return h
+
+
+def make(seed: int = 0, lr: float = 0.05, opt: str = "adam"):
+    torch.manual_seed(seed)
+    model = Faulty()
+    model.encoder.layers[1].attn.is_target = True
+    optimizer = (torch.optim.AdamW(model.parameters(), lr=lr) if opt == "adam"
+                 else torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9))
+    return model, optimizer
+
+
+def batch(step: int, n: int = 16):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(n, 8, generator=g)
+    return x, x.sum(dim=1, keepdim=True).sin()
+
+
+def loss_fn(model, x, y):
+    return nn.functional.mse_loss(model(x), y)
+
+
+def params_finite(model) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def state_equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):  # bit-exact, NaN equal to NaN (unused history slots hold NaN)
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and bool(
+            ((a == b) | (a.isnan() & b.isnan())).all())
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(state_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(state_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def clone_state(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: clone_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(clone_state(v) for v in obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------------ fault-injection matrix
+FAULTS = {
+    "log0": ("forward", "encoder.layers.1.attn", "aten.log.default", None),
+    "div0": ("forward", "encoder.layers.1.attn", "aten.div.Tensor", None),
+    "sqrt0": ("backward", "encoder.layers.1.attn", "aten.sqrt", "SqrtBackward0"),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(FAULTS))
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_faults_are_skipped_and_located(fault, policy):
+    model, opt = make()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 3, 0.5)
+    guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), scheduler=sched, on_nonfinite=policy,
+                     snapshot_every=2 if policy == "rollback" else None)
+    for step in range(4):
+        x, y = batch(step)
+        assert not guard.step(lambda: loss_fn(model, x, y)).skipped
+    before_model, before_opt = clone_state(model.state_dict()), clone_state(opt.state_dict())
+    before_sched = clone_state(sched.state_dict())
+    snapshot_model = clone_state(guard._snapshot["model"]) if policy == "rollback" else None
+    model.fault = fault
+    x, y = batch(99)
+    report = guard.step(lambda: loss_fn(model, x, y))
+    model.fault = None
+    assert report.skipped and params_finite(model)
+    stage, module, op, node = FAULTS[fault]
+    d = guard.diagnosis
+    assert (d.stage, d.module, d.op, d.node) == (stage, module, op, node), str(d)
+    assert d.located and d.cause and d.fix and str(d).startswith("gradguard: non-finite value")
+    if policy == "skip":  # nothing moved
+        assert state_equal(model.state_dict(), before_model)
+        assert state_equal(opt.state_dict(), before_opt)
+        assert state_equal(sched.state_dict(), before_sched)
+    else:  # restored to the snapshot, bit for bit
+        assert report.rolled_back and state_equal(model.state_dict(), snapshot_model)
+    x, y = batch(100)
+    assert not guard.step(lambda: loss_fn(model, x, y)).skipped
+
+
+def test_nan_in_the_input_batch():
+    model, opt = make()
+    guard = gg.Guard(model, opt)
+    x, y = batch(0)
+    x[3, 2] = math.nan
+    before = clone_state(model.state_dict())
+    report = guard.step(lambda: loss_fn(model, x, y))
+    assert report.skipped and report.reason == "nonfinite_loss"
+    assert guard.diagnosis.stage == "input" and guard.diagnosis.value == "nan"
+    assert "data" in guard.diagnosis.fix and state_equal(model.state_dict(), before)
+
+
+@pytest.mark.parametrize("policy", ["skip", "rollback"])
+def test_learning_rate_blow_up_never_reaches_the_weights(policy):
+    model, opt = make(lr=1e36, opt="sgd")
+    guard = gg.Guard(model, opt, on_nonfinite=policy, snapshot_every=1 if policy == "rollback" else None)
+    x, y = batch(0)
+    before_model, before_opt = clone_state(model.state_dict()), clone_state(opt.state_dict())
+    report = guard.step(lambda: loss_fn(model, x, y) * 1e6)
+    assert report.skipped and report.reason == "nonfinite_params"
+    assert guard.diagnosis.stage == "step" and "learning rate" in guard.diagnosis.fix
+    assert guard.diagnosis.parameters  # which weights would have blown up
+    assert params_finite(model)
+    assert state_equal(model.state_dict(), before_model) and state_equal(opt.state_dict(), before_opt)
+
+
+def test_overflow_under_grad_scaler_is_skipped_and_the_scale_lowered():
+    model, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**127)
+    calls = []
+    original = scaler.unscale_
+    scaler.unscale_ = lambda o: (calls.append(1), original(o))[1]  # count unscale_ calls
+    guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), scaler=scaler)
+    x, y = batch(0)
+    before = clone_state(model.state_dict())
+    report = guard.step(lambda: loss_fn(model, x, y) * 1e3)
+    assert report.skipped and report.reason == "nonfinite_grad"
+    assert guard.diagnosis.stage == "backward" and "scal" in guard.diagnosis.cause
+    assert state_equal(model.state_dict(), before) and scaler.get_scale() < 2.0**127
+    assert calls == [1]
+
+
+def test_scaler_norm_equals_the_unscaled_norm_and_unscale_is_called_once():
+    m1, o1 = make()
+    m2, o2 = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    calls = []
+    original = scaler.unscale_
+    scaler.unscale_ = lambda o: (calls.append(1), original(o))[1]
+    g1 = gg.Guard(m1, o1, clipper=gg.NormClip(0.5))
+    g2 = gg.Guard(m2, o2, clipper=gg.NormClip(0.5), scaler=scaler)
+    for step in range(5):
+        x, y = batch(step)
+        r1 = g1.step(lambda: loss_fn(m1, x, y))
+        r2 = g2.step(lambda: loss_fn(m2, x, y))
+        torch.testing.assert_close(r2.norm, r1.norm, rtol=1e-5, atol=0)
+    assert calls == [1] * 5
+    # the caller may unscale itself (e.g. to log unscaled gradients): the Guard does not call it twice
+    x, y = batch(9)
+    g2.backward(loss_fn(m2, x, y))
+    scaler.unscale_(o2)
+    g2.step()
+    assert len(calls) == 6
+
+
+def test_raise_and_warn_policies_and_the_consecutive_skip_limit():
+    model, opt = make()
+    guard = gg.Guard(model, opt, on_nonfinite="raise")
+    model.fault = "log0"
+    x, y = batch(0)
+    with pytest.raises(gg.NonFiniteError) as err:
+        guard.step(lambda: loss_fn(model, x, y))
+    assert err.value.diagnosis.op == "aten.log.default" and params_finite(model)
+
+    guard = gg.Guard(model, opt, on_nonfinite="warn", max_consecutive_skips=2)
+    with pytest.warns(RuntimeWarning, match="aten.log.default"):
+        assert guard.step(lambda: loss_fn(model, x, y)).skipped
+    with pytest.warns(RuntimeWarning):
+        guard.step(lambda: loss_fn(model, x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row") as err:
+            guard.step(lambda: loss_fn(model, x, y))
+    assert err.value.diagnosis.stage == "forward" and params_finite(model)
+    model.fault = None
+    guard.consecutive_skips = 0
+    assert not guard.step(lambda: loss_fn(model, x, y)).skipped
+
+
+def test_backward_then_step_without_closure_gives_stage_and_parameters():
+    model, opt = make()
+    guard = gg.Guard(model, opt, clipper=gg.ZClip(warmup_steps=2))
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        guard.backward(loss_fn(model, x, y))
+        assert not guard.step().skipped
+    model.fault = "sqrt0"
+    opt.zero_grad()
+    x, y = batch(5)
+    guard.backward(loss_fn(model, x, y))
+    report = guard.step()
+    assert report.skipped and report.reason == "nonfinite_grad"
+    d = guard.diagnosis
+    assert d.stage == "backward" and not d.located and "encoder.layers.1.attn.proj.weight" in d.parameters
+    assert "closure" in str(d)
+    with pytest.raises(RuntimeError, match="backward"):
+        guard.step()
+
+
+def test_skipped_step_leaves_optimizer_scheduler_and_ema_untouched():
+    model, opt = make()
+    ema = torch.optim.swa_utils.AveragedModel(model)
+    sched = torch.optim.lr_scheduler.ExponentialLR(opt, 0.9)
+    guard = gg.Guard(model, opt, clipper=gg.AutoClip(), scheduler=sched, ema=ema)
+    for step in range(3):
+        x, y = batch(step)
+        guard.step(lambda: loss_fn(model, x, y))
+    snap = [clone_state(s) for s in (model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict())]
+    clip_state = clone_state(guard.clipper.state_dict())
+    model.fault = "div0"
+    x, y = batch(7)
+    assert guard.step(lambda: loss_fn(model, x, y)).skipped
+    for before, now in zip(snap, (model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict())):
+        assert state_equal(now, before)
+    for k, v in guard.clipper.state_dict().items():  # a non-finite norm never enters the clipper's history
+        assert state_equal(v, clip_state[k]) if k != "calls" else v == clip_state[k] + 1
+
+
+def test_loss_spike_is_skipped():
+    model, opt = make()
+    guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), spike_z=6.0, spike_window=32)
+    for step in range(40):
+        x, y = batch(step)
+        assert not guard.step(lambda: loss_fn(model, x, y)).skipped
+    before = clone_state(model.state_dict())
+    x, y = batch(41)
+    report = guard.step(lambda: loss_fn(model, x, y) * 1e4)
+    assert report.skipped and report.reason == "loss_spike" and state_equal(model.state_dict(), before)
+    assert not guard.step(lambda: loss_fn(model, x, y)).skipped
+
+
+def test_a_few_hundred_steps_with_faults_reach_the_clean_loss():
+    def train(faults):
+        model, opt = make(lr=0.01)
+        guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0))
+        for step in range(300):
+            if faults.get(step) == "omit":
+                continue
+            model.fault = faults.get(step)
+            x, y = batch(step % 50)
+            guard.step(lambda: loss_fn(model, x, y))
+        model.fault = None
+        with torch.no_grad():
+            return sum(loss_fn(model, *batch(s)).item() for s in range(50)) / 50, guard.skipped_steps
+
+    faults = {40: "log0", 41: "div0", 120: "sqrt0", 200: "log0", 201: "log0"}
+    clean, skipped_clean = train({})
+    faulty, skipped = train(faults)
+    assert skipped_clean == 0 and skipped == 5
+    assert math.isfinite(faulty) and abs(faulty - clean) <= 0.15 * clean
+    # a skipped step leaves no trace: the faulty run equals a clean run that never saw those 5 batches
+    without, _ = train({s: "omit" for s in faults})
+    assert faulty == without
+
+
+def test_bad_arguments_raise_before_anything_changes():
+    model, opt = make()
+    cases = [
+        (lambda: gg.Guard(model, opt, on_nonfinite="ignore"), ValueError, "on_nonfinite"),
+        (lambda: gg.Guard(model, opt, on_nonfinite="rollback"), ValueError, "snapshot_every"),
+        (lambda: gg.Guard(model, opt, clipper=1.0), TypeError, "clipper"),
+        (lambda: gg.Guard("model", opt), TypeError, "model"),
+        (lambda: gg.Guard(model, "sgd"), TypeError, "optimizer"),
+        (lambda: gg.Guard(model, opt, max_consecutive_skips=-1), ValueError, "max_consecutive_skips"),
+        (lambda: gg.Guard(model, opt, check_params_every=0), ValueError, "check_params_every"),
+        (lambda: gg.Guard(model, opt, spike_z=-1.0), ValueError, "spike_z"),
+        (lambda: gg.Guard(model, opt, monitor=object()), TypeError, "monitor"),
+    ]
+    for make_guard, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            make_guard()
+    guard = gg.Guard(model, opt)
+    before = clone_state(model.state_dict())
+    with pytest.raises(TypeError, match="closure"):
+        guard.step(3)
+    with pytest.raises(ValueError, match="scalar"):
+        guard.backward(torch.ones(3, requires_grad=True))
+    assert state_equal(model.state_dict(), before)
+
+
+def test_monitor_receives_every_step():
+    model, opt = make()
+    records = []
+
+    class Recorder:
+        def record(self, stats, **fields):
+            records.append((stats, fields))
+
+    guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), monitor=Recorder())
+    x, y = batch(0)
+    guard.step(lambda: loss_fn(model, x, y))
+    model.fault = "log0"
+    guard.step(lambda: loss_fn(model, x, y))
+    assert [r[1]["skipped"] for r in records] == [False, True]
+    assert records[1][1]["reason"] == "nonfinite_loss" and records[1][1]["diagnosis"].stage == "forward"
+    assert set(records[0][1]) == {"loss", "skipped", "reason", "lr", "model", "diagnosis", "step"}
+
+
+# ------------------------------------------------------------------------------------- the locator vs detect_anomaly
+def test_locator_catches_what_detect_anomaly_misses():
+    # 1. a forward NaN whose gradient is finite (the NaN reaches the loss through a detached path)
+    lin = nn.Linear(3, 1)
+    x = torch.tensor([[1.0, -2.0, 3.0]])
+
+    def forward_nan():
+        out = lin(x)
+        return out.sum() + torch.log(out.detach() - 1e9).sum()  # log(negative) = NaN, no gradient through it
+
+    with torch.autograd.detect_anomaly(check_nan=True):
+        forward_nan().backward()  # anomaly mode is silent: backward is finite
+    d = gg.locate_nonfinite(forward_nan, lin)
+    assert (d.stage, d.op, d.value) == ("forward", "aten.log.default", "nan")
+
+    # 2. Inf-only gradients (sqrt at 0): anomaly mode checks NaN only
+    w = nn.Parameter(torch.zeros(3))
+
+    class Root(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = w
+
+        def forward(self):
+            return torch.sqrt(self.w).sum()
+
+    root = Root()
+    with torch.autograd.detect_anomaly(check_nan=True):
+        root().backward()
+    assert torch.isinf(w.grad).all()
+    w.grad = None
+    d = gg.locate_nonfinite(root, root)
+    assert (d.stage, d.node, d.op, d.value, d.parameters) == ("backward", "SqrtBackward0", "aten.sqrt", "inf", ("w",))
+    assert w.grad is None  # the replay left gradients as they were
+
+    # 3. the op where the value started, not the first backward node that met it
+    class Late(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self):
+            return (torch.log(x.reshape(-1) - 10.0) * self.w).sum()  # log(negative): NaN starts here
+
+    late = Late()
+    d = gg.locate_nonfinite(late, late)
+    assert d.stage == "forward" and d.op == "aten.log.default" and d.value == "nan"
+    with pytest.raises(RuntimeError) as anomaly, torch.autograd.detect_anomaly(check_nan=True):
+        late().backward()
+    assert "MulBackward0" in str(anomaly.value)  # anomaly mode blames the multiplication's backward
+
+
+def test_locate_leaves_parameters_buffers_grads_and_rng_untouched():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Dropout(0.5))
+    model.train()
+    x = torch.randn(8, 4)
+    x[0, 0] = math.inf
+    state = clone_state(model.state_dict())
+    grads = [torch.ones_like(p) for p in model.parameters()]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g
+    rng = torch.get_rng_state()
+    d = gg.locate_nonfinite(lambda: model(x).sum(), model)
+    assert d.stage == "input" and d.value == "inf"
+    assert state_equal(model.state_dict(), state)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert gg.locate_nonfinite(lambda: model(torch.randn(8, 4)).sum(), model) is None
