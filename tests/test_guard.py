@@ -418,3 +418,33 @@ def test_locate_leaves_parameters_buffers_grads_and_rng_untouched():
     assert all(p.grad is g for p, g in zip(model.parameters(), grads))
     assert torch.equal(torch.get_rng_state(), rng)
     assert gg.locate_nonfinite(lambda: model(torch.randn(8, 4)).sum(), model) is None
+
+
+class ReplacingSGD(torch.optim.Optimizer):
+    """An optimizer that replaces its state tensors instead of updating them in place (as some third-party ones do)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state[p]
+                st["buf"] = st.get("buf", torch.zeros_like(p)) * 0.9 + p.grad
+                st["count"] = st.get("count", 0) + 1
+                p.sub_(group["lr"] * st["buf"])
+
+
+def test_checked_step_undo_restores_replaced_state_tensors():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = ReplacingSGD(model.parameters(), lr=0.1)
+    guard = gg.Guard(model, opt)
+    x = torch.randn(8, 4)
+    guard.step(lambda: model(x).pow(2).mean())
+    opt.param_groups[0]["lr"] = 1e38
+    before_model, before_opt = clone_state(model.state_dict()), clone_state(opt.state_dict())
+    report = guard.step(lambda: model(x).pow(2).mean() * 1e10)
+    assert report.skipped and report.reason == "nonfinite_params"
+    assert state_equal(model.state_dict(), before_model) and state_equal(opt.state_dict(), before_opt)

@@ -19,6 +19,7 @@ as well as NaNs, and names the op where the value *started* rather than the firs
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -193,11 +194,17 @@ def _forward_op_of(node_name: str | None) -> str | None:
 
 
 def _nonfinite_code(t: Tensor) -> Tensor:
-    """0 finite, 1 NaN, 2 Inf, 3 both — on the device, no host read."""
-    return torch.isnan(t).any().to(torch.int8) + 2 * torch.isinf(t).any().to(torch.int8)
+    """One reduction per tensor: its float32 (float64) sum, NaN if any element is NaN (or +inf meets -inf), infinite
+    if any is infinite. Sound (a non-finite tensor never sums to a finite value); it reads a finite tensor whose sum
+    overflows float32 as infinite, which only happens with values ~1e34, an overflow in the making. No host read."""
+    return t.sum(dtype=torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32)
 
 
-_VALUE = {1: "nan", 2: "inf", 3: "nan+inf"}
+def _code_value(total: float) -> str | None:
+    """'nan' / 'inf' for a non-finite sum from :func:`_nonfinite_code`, ``None`` if finite."""
+    if math.isnan(total):
+        return "nan"
+    return "inf" if total in (float("inf"), float("-inf")) else None
 
 
 @dataclass
@@ -380,7 +387,9 @@ def locate_nonfinite(
         grad_codes = [_nonfinite_code(p.grad) for _, p in params if p.grad is not None]
         grad_names = [n for n, p in params if p.grad is not None]
         n_events = len(locator.codes)
-        codes = torch.stack([*locator.codes, *grad_codes]).tolist() if (locator.codes or grad_codes) else []
+        both = [*locator.codes, *grad_codes]
+        sums = torch.stack([c.to(torch.float64) for c in both]).tolist() if both else []  # the one read
+        codes = [_code_value(x) for x in sums]
     finally:
         for (_, p), g in zip(params[: len(saved_grads)], saved_grads):
             p.grad = g
@@ -396,7 +405,7 @@ def locate_nonfinite(
             return Diagnosis("backward", parameters=bad_params, cause=cause, fix=fix, step=step, located=True)
         return None
     ev = locator.events[first]
-    value = _VALUE.get(int(codes[first]))
+    value = codes[first]
     if ev.kind == "param":
         cause, fix = explain("step")
         return Diagnosis("step", ev.module, ev.op, None, (ev.name or "",), cause, fix, value, step, True)

@@ -140,46 +140,59 @@ class SpikeDetector:
 
 
 class _StepBackup:
-    """Device copies of the parameters and the optimizer state, taken just before a checked ``optimizer.step()``."""
+    """Device copies of the parameters and the optimizer state, taken just before a checked ``optimizer.step()``.
+
+    The copy buffers are allocated once and refilled with one foreach copy per step; only when the optimizer's
+    state changes shape (its first step, a new parameter group) is the layout rebuilt.
+    """
 
     def __init__(self) -> None:
-        self.params: list[Tensor] = []
+        self.sources: list[Tensor] = []  # parameters, then optimizer-state tensors
         self.copies: list[Tensor] = []
-        self.state: dict[int, dict[str, Any] | None] = {}
+        self.params: list[Tensor] = []
+        self.layout: list[tuple[Tensor, tuple[str, ...]]] = []  # per parameter: its state's tensor keys
+        self.extras: dict[int, dict[str, Any] | None] = {}  # non-tensor state values (and absent states)
 
     @torch.no_grad()
     def capture(self, params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
-        if len(self.copies) != len(params) or any(c.shape != p.shape for c, p in zip(self.copies, params)):
-            self.copies = [torch.empty_like(p) for p in params]
-        self.params = params
-        if params:
-            torch._foreach_copy_(self.copies, params)
-        self.state = {}
+        layout: list[tuple[Tensor, tuple[str, ...]]] = []
+        sources = list(params)
+        extras: dict[int, dict[str, Any] | None] = {}
         for p in params:
             st = optimizer.state.get(p)
             if not st:
-                self.state[id(p)] = None
+                extras[id(p)] = None
+                layout.append((p, ()))
                 continue
-            self.state[id(p)] = {
-                k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in st.items()
-            }
+            keys = tuple(k for k, v in st.items() if isinstance(v, Tensor))
+            sources += [st[k] for k in keys]
+            extras[id(p)] = {k: copy.deepcopy(v) for k, v in st.items() if not isinstance(v, Tensor)}
+            layout.append((p, keys))
+        if len(self.copies) != len(sources) or any(
+            c.shape != s.shape or c.dtype != s.dtype or c.device != s.device for c, s in zip(self.copies, sources)
+        ):
+            self.copies = [torch.empty_like(s) for s in sources]
+        if sources:
+            torch._foreach_copy_(self.copies, sources)
+        self.sources, self.params, self.layout, self.extras = sources, params, layout, extras
 
     @torch.no_grad()
     def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.params:
-            torch._foreach_copy_(self.params, self.copies)
-        for p in self.params:
-            saved = self.state.get(id(p))
-            if saved is None:
+        if self.sources:
+            torch._foreach_copy_(self.sources, self.copies)  # parameters and state tensors, in place
+        i = len(self.params)
+        for p, keys in self.layout:
+            extra = self.extras.get(id(p))
+            if extra is None:  # the optimizer had no state for p before this step
                 optimizer.state.pop(p, None)
                 continue
             st = optimizer.state[p]
-            for k, v in saved.items():
-                if isinstance(v, Tensor) and isinstance(st.get(k), Tensor) and st[k].shape == v.shape:
-                    st[k].copy_(v)
-                else:
-                    st[k] = v.clone() if isinstance(v, Tensor) else v
-            for k in [k for k in st if k not in saved]:
+            for k in keys:  # an optimizer that replaced a state tensor (rather than updating it) gets it back
+                if st.get(k) is not self.sources[i]:
+                    st[k] = self.copies[i].clone()
+                i += 1
+            st.update(copy.deepcopy(extra))
+            for k in [k for k in st if k not in keys and k not in extra]:
                 del st[k]
 
 
