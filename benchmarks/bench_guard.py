@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     ref = med[names[0]]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"TinyTransformer {n_params / 1e6:.2f}M params, batch {args.batch}x{args.seq}, AdamW; {args.rounds} interleaved rounds x {args.steps} steps, medians\n")
+          f"TinyTransformer {n_params / 1e6:.2f}M params, batch {args.batch}x{args.seq}, AdamW; "
+          f"{args.rounds} interleaved rounds x {args.steps} steps, medians\n")
     print("| variant | time per step / plain loop |")
     print("|---|---|")
     for k in names:
