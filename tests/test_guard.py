@@ -448,3 +448,28 @@ def test_checked_step_undo_restores_replaced_state_tensors():
     report = guard.step(lambda: model(x).pow(2).mean() * 1e10)
     assert report.skipped and report.reason == "nonfinite_params"
     assert state_equal(model.state_dict(), before_model) and state_equal(opt.state_dict(), before_opt)
+
+
+def test_raise_policy_leaves_the_scaler_ready_and_the_monitor_sees_the_gradients():
+    model, opt = make()
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    seen = []
+
+    class Recorder:
+        def record(self, stats, **fields):
+            seen.append(all(p.grad is not None for p in fields["model"].parameters()))
+
+    guard = gg.Guard(model, opt, scaler=scaler, on_nonfinite="raise", monitor=Recorder())
+    model.fault = "log0"
+    x, y = batch(0)
+    with pytest.raises(gg.NonFiniteError):
+        guard.step(lambda: loss_fn(model, x, y))
+    assert seen == [True]  # recorded with the bad step's gradients, before they were dropped
+    assert all(p.grad is None for p in model.parameters())
+    model.fault = None
+    assert not guard.step(lambda: loss_fn(model, x, y)).skipped  # the scaler was updated: no double unscale_
+
+
+def test_spike_diagnosis_reads_as_a_spike():
+    d = gg.Diagnosis("forward", event="loss_spike", cause="c", fix="f", step=3)
+    assert str(d).startswith("gradguard: loss spike at stage 'forward' (step 3)") and "closure" not in str(d)

@@ -55,6 +55,7 @@ class Diagnosis:
         value: ``"nan"``, ``"inf"`` or ``"nan+inf"`` for the first bad tensor, when located.
         step: the training step, when known.
         located: whether the op-level locator ran (otherwise the stage comes from the step's flags alone).
+        event: ``"nonfinite"``, or ``"loss_spike"`` / ``"grad_norm_spike"`` for a finite spike the Guard skipped.
     """
 
     stage: str
@@ -67,6 +68,7 @@ class Diagnosis:
     value: str | None = None
     step: int | None = None
     located: bool = False
+    event: str = "nonfinite"
 
     def __str__(self) -> str:
         where = []
@@ -76,7 +78,9 @@ class Diagnosis:
             where.append(f"op {self.op}")
         if self.node:
             where.append(f"autograd node {self.node}")
-        head = f"gradguard: non-finite value at stage '{self.stage}'"
+        events = {"loss_spike": "loss spike", "grad_norm_spike": "gradient-norm spike"}
+        what = events.get(self.event, "non-finite value")
+        head = f"gradguard: {what} at stage '{self.stage}'"
         if self.step is not None:
             head += f" (step {self.step})"
         lines = [head]
@@ -88,7 +92,7 @@ class Diagnosis:
             lines.append(f"  parameters: {shown}")
         lines.append(f"  cause: {self.cause}")
         lines.append(f"  fix: {self.fix}")
-        if not self.located and self.stage in ("forward", "backward"):
+        if not self.located and self.event == "nonfinite" and self.stage in ("forward", "backward"):
             lines.append("  (pass a closure to Guard.step, or call gg.locate_nonfinite(closure), to name the op)")
         return "\n".join(lines)
 

@@ -56,7 +56,20 @@ _REASONS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_params", "loss_spike"
 
 
 class _Recorder(Protocol):
-    def record(self, stats: ClipStats | None, **kwargs: Any) -> Any: ...
+    """What the Guard calls after every step (``gg.Monitor`` is one)."""
+
+    def record(
+        self,
+        stats: ClipStats | None,
+        *,
+        loss: Tensor | None,
+        skipped: bool,
+        reason: str | None,
+        lr: float | None,
+        model: nn.Module,
+        diagnosis: Diagnosis | None,
+        step: int,
+    ) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -461,12 +474,16 @@ class Guard:
             if check_params:
                 blown = self._nonfinite_names(grads=False) if reason == "nonfinite_params" else ()
                 self._backup.restore(self.optimizer)
-            report = self._bad_step(loss, stats, reason, closure, rng, blown if check_params else ())
+            report, error = self._bad_step(loss, stats, reason, closure, rng, blown if check_params else ())
             if self.scaler is not None:
-                self.scaler.update()
-        if self.monitor is not None:
+                self.scaler.update()  # also before raising: the scaler must be ready for the next step
+        if self.monitor is not None:  # before the gradients of a bad step are dropped: per-layer norms show them
             self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
                                 lr=report.lr, model=self.model, diagnosis=report.diagnosis, step=report.step)
+        if report.skipped:
+            self.optimizer.zero_grad(set_to_none=True)  # a bad step's gradients never reach a later step
+            if error is not None:
+                raise error
         return report
 
     def _commit(self) -> None:
@@ -487,39 +504,47 @@ class Guard:
         closure: Callable[[], Tensor] | None,
         rng: Any,
         blown: tuple[str, ...],
-    ) -> StepReport:
+    ) -> tuple[StepReport, Exception | None]:
+        """Diagnose and apply the policy; the error to raise (if any) is returned, raised once the step is closed."""
         self.skipped_steps += 1
         self.consecutive_skips += 1
         diagnosis = self._diagnose(reason, closure, rng, blown)
         self.diagnosis = diagnosis
         rolled_back = False
+        error: Exception | None = None
         spike = reason.endswith("spike")
         if self.on_nonfinite == "raise" and not spike:
-            raise NonFiniteError(diagnosis)
-        if self.consecutive_skips > self.max_consecutive_skips:
-            raise TrainingDivergedError(
+            error = NonFiniteError(diagnosis)
+        elif self.consecutive_skips > self.max_consecutive_skips:
+            error = TrainingDivergedError(
                 f"gradguard: {self.consecutive_skips} bad steps in a row (max_consecutive_skips="
                 f"{self.max_consecutive_skips}); skipping is not helping", diagnosis)
-        if self.on_nonfinite == "rollback":
+        elif self.on_nonfinite == "rollback":
             self.rollback()
             rolled_back = True
         elif self.on_nonfinite == "warn":
-            warnings.warn(str(diagnosis), RuntimeWarning, stacklevel=3)
-        self.optimizer.zero_grad(set_to_none=True)  # a bad step's gradients never reach a later step
-        return StepReport(self.step_count, loss, stats, True, reason, self._lr(), diagnosis, rolled_back)
+            warnings.warn(str(diagnosis), RuntimeWarning, stacklevel=4)
+        return StepReport(self.step_count, loss, stats, True, reason, self._lr(), diagnosis, rolled_back), error
 
     def _diagnose(
         self, reason: str, closure: Callable[[], Tensor] | None, rng: Any, blown: tuple[str, ...]
     ) -> Diagnosis:
         step = self.step_count
         if reason == "loss_spike":
-            return Diagnosis("forward", cause="loss spike: the loss jumped far above its recent range (a bad batch "
-                             "or the start of an instability)", fix="the step was skipped; if spikes repeat, lower "
-                             "the learning rate, check the data at this step, or clip more (lower max_norm)", step=step)
+            return Diagnosis(
+                "forward", event="loss_spike", step=step,
+                cause="loss spike: the loss jumped far above its recent range (a bad batch or the start of an "
+                "instability)",
+                fix="the step was skipped; if spikes repeat, lower the learning rate, check the data at this step, "
+                "or clip more (lower max_norm)",
+            )
         if reason == "grad_norm_spike":
-            return Diagnosis("backward", cause="exploding gradients: the gradient norm jumped far above its recent "
-                             "range", fix="the step was skipped; clip gradients or lower max_norm (an adaptive "
-                             "clipper such as gg.ZClip reacts to spikes), or lower the learning rate", step=step)
+            return Diagnosis(
+                "backward", event="grad_norm_spike", step=step,
+                cause="exploding gradients: the gradient norm jumped far above its recent range",
+                fix="the step was skipped; clip gradients or lower max_norm (an adaptive clipper such as gg.ZClip "
+                "reacts to spikes), or lower the learning rate",
+            )
         if reason == "nonfinite_params":  # the weights the step would have made non-finite (it was undone)
             cause, fix = explain("step")
             return Diagnosis("step", parameters=blown, cause=cause, fix=fix, step=step)
