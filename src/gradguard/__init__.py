@@ -25,6 +25,7 @@ from gradguard.functional import (
     grad_norms,
 )
 from gradguard.guard import Guard, SpikeDetector, StepReport
+from gradguard.hooks import attach
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "ValueClip",
     "ZClip",
     "__version__",
+    "attach",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",

@@ -23,6 +23,19 @@ How it is computed:
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
+
+Distributed training (see :mod:`gradguard.distributed` for the formulas):
+
+* **DTensor** gradients (FSDP2 ``fully_shard``, tensor parallel) are recognised by type: the engine reads their
+  local shards with the kernels above, then all-reduces :math:`\|g^{(r)}\|_p^p` (SUM; MAX for ``p = inf``) over the
+  mesh dimensions that shard them, never over replicated ones. Per-tensor norms are the norms of the full tensors;
+  the total is the norm of the full model, as one process holding everything would compute it.
+* ``process_group``: the ranks of the group hold *disjoint* gradients (pipeline stages, experts): the total (and
+  :func:`combine_norms`) is reduced over it. Per-tensor norms are local already and need no reduction.
+* Plain tensors without a ``process_group`` are taken as complete: DDP gradients are replicated after its
+  all-reduce, so summing them over ranks would count each one world-size times.
+* With ``torch.distributed`` not initialised, or no DTensor and no ``process_group``, no collective is issued and
+  nothing is read back to the host.
 """
 
 from __future__ import annotations
@@ -31,8 +44,10 @@ import math
 from collections.abc import Iterable, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from gradguard import distributed
 from gradguard._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_gradient, check_norm_type
 
 __all__ = [
@@ -71,13 +86,21 @@ def group_by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.dev
     return {(k if isinstance(k, tuple) else (cpu, k)): v for k, v in by_key.items()}  # type: ignore[misc]
 
 
-def combine_norms(norms: Tensor, norm_type: float) -> Tensor:
-    """The p-norm of a vector of norms: the total norm of the tensors they came from."""
+def combine_norms(norms: Tensor, norm_type: float, *, process_group: dist.ProcessGroup | None = None) -> Tensor:
+    """The p-norm of a vector of norms: the total norm of the tensors they came from.
+
+    With ``process_group`` the result is also reduced over that group (its ranks hold disjoint tensors), so every
+    rank gets the norm of all of them; a no-op when ``torch.distributed`` is not initialised.
+    """
     if norms.numel() == 0:
-        return norms.new_zeros(())
-    if math.isinf(norm_type):
-        return norms.amax()  # amax propagates NaN
-    return torch.linalg.vector_norm(norms, norm_type)
+        total = norms.new_zeros(())
+    elif math.isinf(norm_type):
+        total = norms.amax()  # amax propagates NaN
+    else:
+        total = torch.linalg.vector_norm(norms, norm_type)
+    if process_group is not None:
+        distributed.all_reduce_norms_(total, norm_type, process_group)
+    return total
 
 
 # --------------------------------------------------------------------------------------------------- CPU kernels
@@ -242,7 +265,8 @@ def tensor_norms(
     """Per-tensor p-norms as one 1-D tensor on the first tensor's device, in input order.
 
     Each entry is :math:`\\|g_i\\|_p` accumulated in float32 (float64 if any input is 64-bit); no host
-    synchronisation. ``check=False`` skips argument checks the caller has already made.
+    synchronisation. ``check=False`` skips argument checks the caller has already made. A DTensor's entry is the
+    norm of the whole (sharded) tensor: one all-reduce per distinct set of sharded mesh dimensions.
 
     >>> import torch, gradguard.norms as N
     >>> N.tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2)
@@ -252,6 +276,19 @@ def tensor_norms(
     ts = check_tensors(tensors) if check else list(tensors)
     if not ts:
         return torch.zeros(0)
+    sharded = _dtensor_groups(ts)
+    if sharded is not None:
+        ts, by_groups = sharded
+        out_all = _local_tensor_norms(ts, p, foreach)
+        for groups, idx in by_groups.items():
+            index = torch.tensor(idx, device=out_all.device)
+            part = distributed.reduce_over_groups_(out_all.index_select(0, index), p, groups)
+            out_all.index_copy_(0, index, part)
+        return out_all
+    return _local_tensor_norms(ts, p, foreach)
+
+
+def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     first = ts[0].device
     out: list[Tensor] = [None] * len(ts)  # type: ignore[list-item]
     scratch = _UpcastBuffer()
@@ -265,12 +302,19 @@ def tensor_norms(
 
 @torch.no_grad()
 def total_norm(
-    tensors: Iterable[Tensor], norm_type: float | str = 2.0, foreach: bool | None = None, *, check: bool = True
+    tensors: Iterable[Tensor],
+    norm_type: float | str = 2.0,
+    foreach: bool | None = None,
+    *,
+    check: bool = True,
+    process_group: dist.ProcessGroup | None = None,
 ) -> Tensor:
     """The p-norm of all ``tensors`` viewed as one vector, a 0-d tensor on the first tensor's device.
 
     float32 (float64 if any input is 64-bit); ``tensor(0.)`` for no tensors; no host synchronisation.
-    ``check=False`` skips argument checks the caller has already made.
+    ``check=False`` skips argument checks the caller has already made. DTensors count as the whole tensors they
+    shard (their local norms are reduced over the sharded mesh dimensions); with ``process_group`` the total is
+    also reduced over that group, whose ranks hold disjoint tensors (every rank of it must call, even with none).
 
     >>> import torch, gradguard.norms as N
     >>> N.total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
@@ -278,6 +322,43 @@ def total_norm(
     """
     p = check_norm_type(norm_type) if check else float(norm_type)
     ts = check_tensors(tensors) if check else list(tensors)
+    sharded = _dtensor_groups(ts) if ts else None
+    if sharded is None:
+        total = _local_total(ts, p, foreach)
+    else:
+        local, by_groups = sharded
+        in_groups = {i for idx in by_groups.values() for i in idx}
+        parts = [_local_total([t for i, t in enumerate(local) if i not in in_groups], p, foreach)]
+        for groups, idx in by_groups.items():
+            part = _local_total([local[i] for i in idx], p, foreach)
+            parts.append(distributed.reduce_over_groups_(part, p, groups))
+        total = combine_norms(_stack_on(parts, local[0].device), p)
+    if process_group is not None:
+        distributed.all_reduce_norms_(total, p, process_group)
+    return total
+
+
+def _dtensor_groups(
+    ts: list[Tensor],
+) -> tuple[list[Tensor], dict[tuple[dist.ProcessGroup, ...], list[int]]] | None:
+    """``None`` when no tensor is a DTensor (the single-process path: one type check per tensor). Otherwise the
+    tensors with every DTensor replaced by its local shard, and the indices of the sharded ones keyed by the process
+    groups their norms must be reduced over (replicated DTensors need none and are not listed)."""
+    cls = distributed.dtensor_type()
+    if cls is None or not any(isinstance(t, cls) for t in ts):
+        return None
+    local: list[Tensor] = []
+    by_groups: dict[tuple[dist.ProcessGroup, ...], list[int]] = {}
+    for i, t in enumerate(ts):
+        if isinstance(t, cls):
+            t, groups = distributed.dtensor_norm_groups(t)
+            if groups:
+                by_groups.setdefault(groups, []).append(i)
+        local.append(t)
+    return local, by_groups
+
+
+def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     if not ts:
         return torch.tensor(0.0)
     first = ts[0].device

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from gradguard.distributed import dtensor_type
 from gradguard.norms import group_by_device_and_dtype, use_foreach
 
 __all__ = ["EPS", "clip_coefficient", "scale_", "scale_units_"]
@@ -35,6 +36,14 @@ def clip_coefficient(max_norm: float | Tensor, norm: Tensor) -> Tensor:
     return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
 
 
+def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+    """DTensors replaced by their local shards (same storage), so scaling runs the plain kernels on each rank."""
+    cls = dtensor_type()
+    if cls is None or not any(isinstance(t, cls) for t in tensors):
+        return tensors
+    return [t.to_local() if isinstance(t, cls) else t for t in tensors]  # type: ignore[attr-defined]
+
+
 def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
     return coef.is_cpu and all(t.is_cpu for t in tensors)
 
@@ -43,10 +52,12 @@ def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
 def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply ``tensors`` in place by ``coef``: a 0-d tensor (one factor) or a 1-d tensor (one per tensor).
 
-    Factors equal to 1 are skipped on CPU. Nothing is read back from an accelerator.
+    Factors equal to 1 are skipped on CPU. Nothing is read back from an accelerator. DTensors (FSDP2, tensor
+    parallel) are scaled through their local shards, in place.
     """
     if not tensors:
         return
+    tensors = _locals(tensors)
     per_tensor = coef.dim() == 1
     if per_tensor and coef.numel() != len(tensors):
         raise ValueError(f"coef has {coef.numel()} entries for {len(tensors)} tensors")

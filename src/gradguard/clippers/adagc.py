@@ -101,7 +101,7 @@ class AdaGC(Clipper):
         grads = [i.grad for i in params]
         names = tuple(i.name for i in params)
         per = norms.tensor_norms(grads, 2.0, check=False)
-        total = norms.combine_norms(per, 2.0)
+        total = norms.combine_norms(per, 2.0, process_group=self.process_group)
         index, gamma_all = self._index(names, per.device)
         assert self._step is not None
         gamma = gamma_all[index]

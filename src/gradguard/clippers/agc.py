@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from gradguard import norms
 from gradguard._checks import check_nonnegative, check_norm_type
 from gradguard.clippers.base import Clipper, ClipStats, ParamInfo, name_filter
+from gradguard.distributed import is_dtensor
 from gradguard.scaling import scale_, scale_units_
 
 __all__ = ["AGC", "unit_layout"]
@@ -95,6 +96,13 @@ class AGC(Clipper):
         unit_c: list[Tensor] = []
         whole: list[int] = []
         skipped: list[int] = []
+        for info in params:  # checked before any gradient is touched
+            if is_dtensor(info.grad) and info.param.dim() > 1 and not self._excluded(info.name):
+                raise TypeError(
+                    f"AGC cannot clip the sharded (DTensor) gradient of {info.name!r} unit-wise yet: its units may "
+                    "span ranks. Use a global-norm strategy under FSDP2 / tensor parallel (gg.NormClip, gg.ZClip, "
+                    "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
+                )
         for k, info in enumerate(params):
             if self._excluded(info.name):
                 skipped.append(k)
@@ -159,7 +167,7 @@ class AGC(Clipper):
         per_coef = torch.cat([t.to(device, dtype) for t in coef_parts])[inverse]
         coef_min = per_coef.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, p),
+            norm=norms.combine_norms(per, p, process_group=self.process_group),
             threshold=torch.full((), math.inf, dtype=dtype, device=device),
             coef=coef_min,
             clipped=coef_min < 1,

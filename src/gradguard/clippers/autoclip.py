@@ -86,7 +86,7 @@ class AutoClip(Clipper):
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
-        total = norms.total_norm(grads, self.norm_type, check=False)
+        total = norms.total_norm(grads, self.norm_type, check=False, process_group=self.process_group)
         history, count = self._ensure(total.device)
         finite = torch.isfinite(total)
         slot = (count % history.numel() if self.window is not None else count).reshape(1)

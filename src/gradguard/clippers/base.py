@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_gradient
@@ -159,7 +160,33 @@ class Clipper:
 
     Stateless clippers need nothing more. Stateful ones override :meth:`state_dict`, :meth:`load_state_dict`
     and :meth:`reset`.
+
+    Distributed training: DTensor gradients (FSDP2, tensor parallel) are reduced by the norm engine on their own.
+    When the ranks of a process group hold *disjoint* plain gradients (pipeline stages, experts), call
+    :meth:`set_process_group` once so global norms, and hence thresholds and adaptive statistics, cover all of them
+    and agree on every rank. Subclasses pass :attr:`process_group` to the engine's global-norm calls.
     """
+
+    _process_group: dist.ProcessGroup | None = None
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group global norms are reduced over (``None``: no reduction of plain tensors)."""
+        return self._process_group
+
+    def set_process_group(self, group: dist.ProcessGroup | None) -> Clipper:
+        """Reduce global norms over ``group``, whose ranks hold disjoint gradients; ``None`` turns it off.
+
+        Returns the clipper, so ``gg.ZClip().set_process_group(pp_group)`` reads naturally. Not saved in
+        ``state_dict`` (a process group is not checkpointable).
+        """
+        if group is not None and not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"group must be a torch.distributed.ProcessGroup (e.g. from dist.new_group(ranks)) or None, got "
+                f"{type(group).__name__}"
+            )
+        self._process_group = group
+        return self
 
     def __call__(self, parameters: Parameters) -> ClipStats:
         """Clip the gradients of ``parameters`` in place and return what was done."""
@@ -204,6 +231,13 @@ class Chain(Clipper):
             if not isinstance(c, Clipper):
                 raise TypeError(f"Chain argument {i} must be a gradguard Clipper, got {type(c).__name__}")
         self.clippers = tuple(clippers)
+
+    def set_process_group(self, group: dist.ProcessGroup | None) -> Clipper:
+        """Set ``group`` on this chain and every clipper in it."""
+        super().set_process_group(group)
+        for c in self.clippers:
+            c.set_process_group(group)
+        return self
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         stats = [c.clip(params) for c in self.clippers]

@@ -51,7 +51,7 @@ class NormClip(Clipper):
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
-        total = norms.total_norm(grads, self.norm_type, check=False)
+        total = norms.total_norm(grads, self.norm_type, check=False, process_group=self.process_group)
         coef = clip_coefficient(self.max_norm, total)
         scale_(grads, coef)
         return ClipStats(norm=total, threshold=_full(self.max_norm, total), coef=coef, clipped=coef < 1)
@@ -79,8 +79,8 @@ class ValueClip(Clipper):
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
-        total = norms.total_norm(grads, 2.0, check=False)
-        peak = norms.total_norm(grads, math.inf, check=False)
+        total = norms.total_norm(grads, 2.0, check=False, process_group=self.process_group)
+        peak = norms.total_norm(grads, math.inf, check=False, process_group=self.process_group)
         coef = clip_coefficient(self.clip_value, peak)
         clipped = peak > self.clip_value
         if not (peak.is_cpu and not bool(clipped)):  # CPU: skip the write pass when nothing exceeds the value
@@ -149,7 +149,7 @@ class LayerwiseClip(Clipper):
         scale_(grads, coefs)
         coef = coefs.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, self.norm_type),
+            norm=norms.combine_norms(per, self.norm_type, process_group=self.process_group),
             threshold=_full(self.max_norm, per),
             coef=coef,
             clipped=coef < 1,

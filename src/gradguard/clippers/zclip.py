@@ -129,7 +129,7 @@ class ZClip(Clipper):
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
-        total = norms.total_norm(grads, self.norm_type, check=False)
+        total = norms.total_norm(grads, self.norm_type, check=False, process_group=self.process_group)
         st = self._ensure(total.device)
         mean, var, count, buffer = st["mean"], st["var"], st["count"], st["buffer"]
         norm = total.float()

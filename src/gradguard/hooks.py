@@ -1,0 +1,316 @@
+r"""``gg.attach``: clip and guard through an optimizer step pre-hook, for loops you do not want to change.
+
+Every ``optimizer.step()`` first runs, on the optimizer's parameters:
+
+1. the clipper (or, without one, the norm engine alone), giving a :class:`~gradguard.ClipStats`;
+2. the finite flag ``isfinite(stats.norm)``, MAX-reduced over the ranks when ``torch.distributed`` is initialised,
+   so that every rank makes the same decision (one tiny all-reduce; none in a single process);
+3. on a non-finite step, the *skip*: every parameter's ``.grad`` is set to ``None``. torch optimizers skip parameters
+   without a gradient, so the step changes nothing: not the weights, not the moments, not the step counts (for
+   AdamW, SGD with momentum, and every optimizer built on ``torch.optim.Optimizer``'s convention). A ``GradScaler``
+   that found the overflow skips as before and still lowers its scale.
+
+Reading the flag is the one host-device synchronisation per step; it is what deciding to skip costs.
+
+The closure caveat: the pre-hook runs *before* ``optimizer.step(closure)`` calls the closure, i.e. before this
+step's gradients exist. A step called with a closure (LBFGS, Lightning) therefore raises instead of clipping stale
+gradients; use :class:`gradguard.Guard` (``guard.step(closure)``) or the Lightning callback there.
+
+The same logic backs the Lightning and Hugging Face callbacks (:mod:`gradguard.integrations`).
+"""
+
+from __future__ import annotations
+
+import numbers
+import warnings
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradguard import distributed, norms
+from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
+from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain
+
+__all__ = ["AttachHandle", "StepGate", "attach", "skip_step_"]
+
+POLICIES = ("skip", "warn", "raise")
+
+
+def skip_step_(params: Iterable[Tensor]) -> None:
+    """Make the next ``optimizer.step()`` a no-op for ``params`` by setting every ``.grad`` to ``None``.
+
+    torch optimizers skip parameters without a gradient, so the weights, the moments (``exp_avg``,
+    ``momentum_buffer``) and the per-parameter ``step`` counts all stay as they were.
+
+    >>> import torch, gradguard as gg
+    >>> w = torch.nn.Parameter(torch.ones(2)); opt = torch.optim.AdamW([w], lr=0.1)
+    >>> w.grad = torch.tensor([float("nan"), 1.0])
+    >>> gg.hooks.skip_step_([w]); opt.step()
+    >>> w.tolist(), opt.state_dict()["state"]
+    ([1.0, 1.0], {})
+    """
+    for p in params:
+        p.grad = None
+
+
+class StepGate:
+    """Clip, agree across ranks on whether the gradients are finite, and skip the step if not.
+
+    Shared by :func:`attach` and the Lightning / Hugging Face callbacks, so they behave alike.
+
+    Args:
+        clipper: a gradguard clipper, or ``None`` to check without clipping.
+        on_nonfinite: ``"skip"`` (drop the step), ``"warn"`` (drop it with a warning), ``"raise"``
+            (:class:`~gradguard.NonFiniteError`, before the weights change).
+        max_consecutive_skips: more non-finite steps in a row than this raise
+            :class:`~gradguard.TrainingDivergedError` (skipping is not helping); ``None`` never raises.
+        process_group: set on the clipper (see :meth:`gradguard.Clipper.set_process_group`): its ranks hold
+            disjoint gradients. The skip decision itself is always reduced over the whole world.
+        norm_type: the norm checked when there is no clipper.
+    """
+
+    def __init__(
+        self,
+        clipper: Clipper | None = None,
+        on_nonfinite: str = "skip",
+        max_consecutive_skips: int | None = 10,
+        process_group: dist.ProcessGroup | None = None,
+        norm_type: float = 2.0,
+    ) -> None:
+        if clipper is not None and not isinstance(clipper, Clipper):
+            raise TypeError(
+                f"clipper must be a gradguard Clipper (e.g. gg.NormClip(1.0), gg.ZClip()) or None, got "
+                f"{type(clipper).__name__}"
+            )
+        if on_nonfinite not in POLICIES:
+            hint = " ('rollback' needs snapshots: use gg.Guard)" if on_nonfinite == "rollback" else ""
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}{hint}")
+        if max_consecutive_skips is not None and (
+            isinstance(max_consecutive_skips, bool)
+            or not isinstance(max_consecutive_skips, numbers.Integral)
+            or max_consecutive_skips < 0
+        ):
+            raise ValueError(f"max_consecutive_skips must be an integer >= 0 or None, got {max_consecutive_skips!r}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        if clipper is not None and process_group is not None:
+            clipper.set_process_group(process_group)
+        self.clipper = clipper
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
+        self.process_group = process_group
+        self.norm_type = norm_type
+        self.steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.last_stats: ClipStats | None = None
+        self.last_skipped = False
+
+    def __call__(self, parameters: Parameters, step_params: Iterable[Tensor]) -> ClipStats:
+        """Run on ``parameters`` (clip and check); on a non-finite step skip it for ``step_params``."""
+        infos = resolve_parameters(parameters)
+        with torch.no_grad():
+            if self.clipper is not None:
+                stats = self.clipper.clip(infos) if infos else ClipStats.unclipped()
+            else:
+                total = norms.total_norm([i.grad for i in infos], self.norm_type, check=False,
+                                         process_group=self.process_group)
+                stats = ClipStats.unclipped(norm=total)
+        bad = distributed.any_across_ranks(~stats.finite)
+        skipped = bool(bad)  # the one host read per step: deciding to skip needs it
+        self.steps += 1
+        self.last_stats = stats
+        self.last_skipped = skipped
+        if not skipped:
+            self.consecutive_skips = 0
+            return stats
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        diagnosis = self._diagnosis(infos)
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(diagnosis)
+        limit = self.max_consecutive_skips
+        if limit is not None and self.consecutive_skips > limit:
+            raise TrainingDivergedError(
+                f"gradguard: {self.consecutive_skips} non-finite steps in a row (max_consecutive_skips={limit}); "
+                "skipping is not helping",
+                diagnosis,
+            )
+        if self.on_nonfinite == "warn":
+            warnings.warn(f"gradguard skipped step {self.steps - 1}: non-finite gradients\n{diagnosis}", stacklevel=3)
+        skip_step_(step_params)
+        return stats
+
+    def _diagnosis(self, infos: list[Any]) -> Diagnosis:
+        # local shards only: this runs on the error path and must issue no collective
+        bad = [i.name for i in infos if not bool(torch.isfinite(distributed.local_tensor(i.grad)).all())]
+        if bad:
+            cause, fix = explain("backward")
+        else:
+            cause = "another rank's gradients were non-finite; every rank skips the step so they stay in agreement"
+            fix = "look at the first rank that reported non-finite gradients"
+        return Diagnosis("backward", parameters=tuple(bad), cause=cause, fix=fix, step=self.steps - 1)
+
+    def state_dict(self) -> dict[str, int]:
+        """Counters, for resuming (the clipper's state is saved by the clipper)."""
+        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.steps = int(state["steps"])
+        self.skipped_steps = int(state["skipped_steps"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+
+
+def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
+    """Every parameter of ``optimizer``'s param groups, once, in order."""
+    seen: set[int] = set()
+    out: list[Tensor] = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
+
+
+_ATTACHED: weakref.WeakKeyDictionary[torch.optim.Optimizer, AttachHandle] = weakref.WeakKeyDictionary()
+
+
+class AttachHandle:
+    """What :func:`attach` returns: :meth:`remove` detaches; the counters and last stats are readable.
+
+    Attributes:
+        gate: the :class:`StepGate` (``steps``, ``skipped_steps``, ``consecutive_skips``, ``last_stats``,
+            ``last_skipped``).
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, gate: StepGate, parameters: Parameters | None,
+                 monitor: Any | None) -> None:
+        self.gate = gate
+        self._optimizer_ref = weakref.ref(optimizer)
+        self._parameters = parameters
+        self._monitor = monitor
+        self._model = parameters if isinstance(parameters, nn.Module) else None
+        self._pre = optimizer.register_step_pre_hook(self._pre_hook)
+        self._post = optimizer.register_step_post_hook(self._post_hook) if monitor is not None else None
+        self.removed = False
+
+    @property
+    def stats(self) -> ClipStats | None:
+        """The last step's :class:`~gradguard.ClipStats` (device tensors), or ``None`` before the first step."""
+        return self.gate.last_stats
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped for non-finite gradients."""
+        return self.gate.skipped_steps
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was skipped."""
+        return self.gate.last_skipped
+
+    def _pre_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # torch passes (optimizer, *step_args): a closure is args[1] or closure=
+        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+            raise RuntimeError(
+                "gg.attach cannot clip a step called with a closure: the hook runs before the closure computes "
+                "this step's gradients. Use gg.Guard(model, optimizer, clipper).step(closure), or the Lightning "
+                "callback gradguard.integrations.lightning.GradGuardCallback; or call the step without a closure"
+            )
+        params = optimizer_parameters(optimizer)
+        self.gate(self._parameters if self._parameters is not None else params, params)
+
+    def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        assert self._monitor is not None
+        lr = optimizer.param_groups[0].get("lr")
+        self._monitor.record(self.gate.last_stats, skipped=self.gate.last_skipped,
+                             reason="nonfinite_grad" if self.gate.last_skipped else None,
+                             lr=lr if isinstance(lr, (float, int, Tensor)) and not isinstance(lr, bool) else None,
+                             model=self._model)
+
+    def remove(self) -> None:
+        """Detach from the optimizer: later steps run unclipped and unchecked. Idempotent."""
+        if self.removed:
+            return
+        self._pre.remove()
+        if self._post is not None:
+            self._post.remove()
+        opt = self._optimizer_ref()
+        if opt is not None and _ATTACHED.get(opt) is self:
+            del _ATTACHED[opt]
+        self.removed = True
+
+    def __enter__(self) -> AttachHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "attached"
+        return (f"AttachHandle({state}, clipper={self.gate.clipper!r}, steps={self.gate.steps}, "
+                f"skipped_steps={self.gate.skipped_steps})")
+
+
+def attach(
+    optimizer: torch.optim.Optimizer,
+    clipper: Clipper | None = None,
+    parameters: Parameters | None = None,
+    *,
+    on_nonfinite: str = "skip",
+    max_consecutive_skips: int | None = 10,
+    process_group: dist.ProcessGroup | None = None,
+    monitor: Any | None = None,
+) -> AttachHandle:
+    r"""Clip and guard every ``optimizer.step()`` through a step pre-hook; ``handle.remove()`` undoes it.
+
+    Before each step: ``stats = clipper(parameters)``; if the gradient norm is not finite (on any rank, when
+    distributed) the step is skipped by setting every ``.grad`` to ``None`` (weights, moments and step counts stay
+    exactly as they were). One host read per step decides the skip.
+
+    Args:
+        optimizer: a ``torch.optim.Optimizer``.
+        clipper: ``gg.NormClip(1.0)``, ``gg.ZClip()``, ... or ``None`` to only skip non-finite steps.
+        parameters: what the clipper sees; default the optimizer's parameters (named by position). Pass the model
+            for parameter names (AdaGC, AGC's ``exclude``) and module types (AGC with ConvTranspose).
+        on_nonfinite: ``"skip"``, ``"warn"`` (skip with a warning) or ``"raise"`` (:class:`~gradguard.NonFiniteError`).
+        max_consecutive_skips: more skipped steps in a row than this raise :class:`~gradguard.TrainingDivergedError`.
+        process_group: a group whose ranks hold disjoint gradients (pipeline stages): set on the clipper.
+        monitor: a :class:`gradguard.Monitor`, recorded after every step.
+
+    Not for steps called with a closure (the hook runs before the closure): see the module docstring.
+
+    Example:
+        >>> import torch, gradguard as gg
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> handle = gg.attach(opt, gg.NormClip(max_norm=1.0), model)
+        >>> model(torch.randn(8, 4)).pow(2).sum().mul(100).backward()
+        >>> opt.step()                                   # clipped to norm 1 first
+        >>> round(float(handle.stats.norm), 1) > 1.0, handle.skipped_steps
+        (True, 0)
+        >>> handle.remove()
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if optimizer in _ATTACHED and not _ATTACHED[optimizer].removed:
+        raise ValueError(
+            "gradguard is already attached to this optimizer (it would clip twice); call handle.remove() on the "
+            "first handle before attaching again"
+        )
+    if monitor is not None and not callable(getattr(monitor, "record", None)):
+        raise TypeError(f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}")
+    if parameters is not None:
+        if not isinstance(parameters, (nn.Module, Tensor, Mapping)):
+            parameters = list(parameters)  # a generator such as model.parameters() is read once per step
+        resolve_parameters(parameters, with_grad=False)  # checked now, not at the first step
+    gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+    handle = AttachHandle(optimizer, gate, parameters, monitor)
+    _ATTACHED[optimizer] = handle
+    return handle

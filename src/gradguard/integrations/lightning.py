@@ -1,0 +1,163 @@
+r"""Lightning 2.x: ``GradGuardCallback`` clips with any gradguard strategy and skips non-finite steps.
+
+.. code-block:: python
+
+    import lightning as L, gradguard as gg
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    trainer = L.Trainer(callbacks=[GradGuardCallback(gg.ZClip())])   # leave gradient_clip_val unset
+
+How it fits Lightning's step. Lightning runs ``optimizer.step(closure)``; the closure does forward and backward,
+then (for ``16-mixed``) the precision plugin unscales the gradients, then calls ``on_before_optimizer_step``, then
+its own clipping, then the optimizer's update. The callback acts in ``on_before_optimizer_step``:
+
+1. clip with the chosen strategy, on unscaled gradients (Lightning's AMP ``unscale_`` has already run);
+2. agree on the finite flag across ranks (one MAX all-reduce under DDP/FSDP; none in a single process), so every
+   rank skips the same steps and DDP never hangs on a step only one rank took (Lightning #5243);
+3. skip a non-finite step by setting every gradient of that optimizer to ``None``: the update that follows inside
+   the same closure-driven ``optimizer.step`` changes nothing (weights, moments and step counts stay as they were);
+   a ``GradScaler`` still sees its overflow and lowers the scale;
+4. log ``gradguard/norm``, ``/threshold``, ``/coef``, ``/clipped``, ``/skipped`` through ``pl_module.log_dict``, so
+   they reach the LightningModule's logger at its ``log_every_n_steps``.
+
+Under FSDP2 (``ModelParallelStrategy``) and tensor parallel the gradients are DTensors and the norm engine reduces
+them over the mesh, so clipping by norm works where ``Trainer(gradient_clip_val=...)`` refuses to.
+
+``Trainer(gradient_clip_val=...)`` together with a clipper would clip twice: ``setup`` raises ``ValueError``.
+Reading the finite flag costs one host-device synchronisation per optimizer step.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from gradguard.clippers.base import Clipper
+from gradguard.hooks import StepGate, optimizer_parameters
+from gradguard.integrations import require
+from gradguard.integrations._common import clip_target, scalar_stats
+
+__all__ = ["GradGuardCallback"]
+
+
+def _callback_bases() -> tuple[type, ...]:
+    """Lightning's ``Callback`` classes: ``lightning.pytorch`` and/or ``pytorch_lightning``, whichever is installed
+    (both, when both are, so the callback is accepted by either package's Trainer)."""
+    bases = []
+    for mod in ("lightning.pytorch", "pytorch_lightning"):
+        if importlib.util.find_spec(mod.split(".")[0]) is not None:
+            bases.append(require(mod, "lightning", "gradguard.integrations.lightning").Callback)
+    if not bases:
+        require("lightning", "lightning", "gradguard.integrations.lightning")  # raises with the install hint
+    return tuple(bases)
+
+
+if TYPE_CHECKING:
+    _Base = object
+else:
+    _Base = type("_Base", _callback_bases(), {})
+
+
+class GradGuardCallback(_Base):
+    """Clip with a gradguard strategy and skip non-finite steps, inside Lightning's optimizer step.
+
+    Args:
+        clipper: ``gg.NormClip(1.0)``, ``gg.ZClip()``, ``gg.Chain(...)``, ... or ``None`` to only skip non-finite
+            steps (then ``gradient_clip_val`` may stay set: Lightning clips after the check).
+        on_nonfinite: ``"skip"`` (default), ``"warn"`` (skip with a warning) or ``"raise"``
+            (:class:`gradguard.NonFiniteError`, before the weights change).
+        monitor: a :class:`gradguard.Monitor`, recorded at the end of every batch that took an optimizer step.
+        max_consecutive_skips: more skipped steps in a row than this raise :class:`gradguard.TrainingDivergedError`.
+        process_group: a group whose ranks hold disjoint gradients (pipeline stages), set on the clipper.
+        log: log the step's stats through ``pl_module.log_dict`` (on step, to the module's logger).
+        prefix: the logged keys' prefix.
+
+    The clipper's state and the skip counters are saved in Lightning checkpoints (``state_dict``).
+
+    Example:
+        >>> import gradguard as gg
+        >>> from gradguard.integrations.lightning import GradGuardCallback
+        >>> GradGuardCallback(gg.NormClip(1.0)).gate.on_nonfinite
+        'skip'
+    """
+
+    def __init__(
+        self,
+        clipper: Clipper | None = None,
+        on_nonfinite: str = "skip",
+        monitor: Any | None = None,
+        *,
+        max_consecutive_skips: int | None = 10,
+        process_group: dist.ProcessGroup | None = None,
+        log: bool = True,
+        prefix: str = "gradguard/",
+    ) -> None:
+        super().__init__()
+        if monitor is not None and not callable(getattr(monitor, "record", None)):
+            raise TypeError(
+                f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}"
+            )
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+        self.monitor = monitor
+        self.log = bool(log)
+        self.prefix = prefix
+        self._stepped = False
+
+    @property
+    def clipper(self) -> Clipper | None:
+        """The clipping strategy (``None``: check only)."""
+        return self.gate.clipper
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Refuse double clipping before training starts."""
+        clip_val = getattr(trainer, "gradient_clip_val", None)
+        if self.gate.clipper is not None and clip_val not in (None, 0, 0.0):
+            raise ValueError(
+                f"Trainer(gradient_clip_val={clip_val}) and GradGuardCallback(clipper={self.gate.clipper!r}) would "
+                "clip the gradients twice. Set `gradient_clip_val=None` when using GradGuardCallback with a clipper "
+                "(or pass clipper=None to keep Lightning's clipping and only skip non-finite steps)"
+            )
+
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """Clip, agree across ranks, and skip a non-finite step (after Lightning's AMP unscale)."""
+        params = optimizer_parameters(optimizer)
+        model = pl_module if isinstance(pl_module, nn.Module) else None
+        stats = self.gate(clip_target(model, params), params)
+        self._stepped = True
+        if self.log and hasattr(pl_module, "log_dict"):
+            values = scalar_stats(stats, self.gate.last_skipped, self.prefix)
+            pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Record the step in the monitor (gradients are still set here; the update has been applied)."""
+        if self.monitor is None or not self._stepped:
+            return
+        self._stepped = False
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        lr = None
+        opts = getattr(trainer, "optimizers", None) or []
+        if opts:
+            value = opts[0].param_groups[0].get("lr")
+            lr = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        self.monitor.record(
+            self.gate.last_stats, loss=loss.detach() if isinstance(loss, Tensor) else None,
+            skipped=self.gate.last_skipped, reason="nonfinite_grad" if self.gate.last_skipped else None, lr=lr,
+            model=pl_module if isinstance(pl_module, nn.Module) else None, step=int(trainer.global_step) - 1,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The clipper's state and the skip counters, for Lightning checkpoints."""
+        clipper = self.gate.clipper
+        return {"gate": self.gate.state_dict(), "clipper": clipper.state_dict() if clipper is not None else {}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.gate.load_state_dict(state_dict["gate"])
+        if self.gate.clipper is not None:
+            self.gate.clipper.load_state_dict(state_dict["clipper"])
