@@ -17,6 +17,7 @@ from gradguard.clippers import (
     ZClip,
 )
 from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, locate_nonfinite
+from gradguard.finder import Suggestion, suggest_max_norm
 from gradguard.functional import (
     clip_grad_norm_,
     clip_grad_value_,
@@ -25,7 +26,9 @@ from gradguard.functional import (
     grad_norms,
 )
 from gradguard.guard import Guard, SpikeDetector, StepReport
+from gradguard.health import HealthFlag, LayerHealth
 from gradguard.hooks import attach
+from gradguard.monitor import Monitor
 
 __version__ = "0.1.0"
 
@@ -38,11 +41,15 @@ __all__ = [
     "Clipper",
     "Diagnosis",
     "Guard",
+    "HealthFlag",
+    "LayerHealth",
     "LayerwiseClip",
+    "Monitor",
     "NonFiniteError",
     "NormClip",
     "SpikeDetector",
     "StepReport",
+    "Suggestion",
     "TrainingDivergedError",
     "ValueClip",
     "ZClip",
@@ -54,4 +61,5 @@ __all__ = [
     "get_total_norm",
     "grad_norms",
     "locate_nonfinite",
+    "suggest_max_norm",
 ]

@@ -1,0 +1,287 @@
+"""``gradguard demo``: what clipping and the Guard do, shown on real training runs on the CPU.
+
+Two models prone to exploding gradients, each trained four ways on the same data from the same initial weights:
+
+* **rnn** — a vanilla ReLU RNN on the *adding problem* (Hochreiter & Schmidhuber, 1997): a sequence of random
+  numbers, two of them marked; the target is their sum. The recurrent matrix is initialised slightly expansive
+  (orthogonal, gain 1.3), so gradients back-propagated through the sequence grow geometrically, as in Pascanu et
+  al. (2013);
+* **mlp** — a 12-layer ReLU MLP (He initialisation) regressing a fixed random "teacher" network with SGD at a
+  learning rate (0.1) high enough to diverge.
+
+In both data streams every ``BAD_EVERY``-th batch is corrupt: its targets are multiplied by ``BAD_SCALE`` (a unit
+error, the kind of bad record real pipelines produce). The four ways:
+
+* ``none`` — plain SGD: the gradient norm explodes and the loss becomes NaN;
+* ``normclip`` — ``gg.NormClip(max_norm=1.0)`` (Pascanu et al.): stays finite; the bad batches still get a full
+  (clipped) step;
+* ``adaptive`` — ``gg.AutoClip(percentile=10)`` (Seetharaman et al. 2020): the threshold is the 10th percentile of
+  the run's own gradient-norm history, so no number has to be guessed;
+* ``guard`` — ``gg.Guard(clipper=gg.AutoClip(10), spike_z=6)``: clips the same way, and skips the steps whose loss or
+  gradient norm is more than 6 standard deviations above its recent range (the corrupt batches), saying why.
+
+Each run is recorded by a :class:`~gradguard.Monitor` (JSONL + TensorBoard) into ``OUT/<model>-<strategy>/``;
+``OUT/report.html`` (with its PNGs beside it) compares them. Deterministic for a seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gradguard import norms
+from gradguard.clippers import AutoClip, ClipStats, NormClip
+from gradguard.clippers.base import Clipper
+from gradguard.guard import Guard
+from gradguard.monitor import Monitor, encode_number
+from gradguard.report import load_run, summarize
+
+__all__ = ["STRATEGIES", "TASKS", "RunSummary", "format_table", "run_demo"]
+
+STRATEGIES = ("none", "normclip", "adaptive", "guard")
+TASKS = ("rnn", "mlp")
+BAD_EVERY = 40  # every 40th batch is corrupt (after the Guard's spike detector has 32 steps of history) ...
+BAD_SCALE = 30.0  # ... its targets are 30x too large
+QUICK_STEPS = 150
+FULL_STEPS = 600
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The outcome of one demo run."""
+
+    task: str
+    strategy: str
+    steps: int
+    final_loss: float  # held-out loss on clean data after training (nan when the weights are not finite)
+    skipped: int
+    clip_rate: float
+    diverged_at: int | None  # first step with a non-finite training loss, if any
+    wall_s: float
+    reasons: dict[str, int]
+    log_dir: str
+
+
+# ------------------------------------------------------------------------------------------------------ tasks
+class _RNN(nn.Module):
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(2, hidden, batch_first=True, nonlinearity="relu")
+        self.head = nn.Linear(hidden, 1)
+        nn.init.orthogonal_(self.rnn.weight_hh_l0, gain=1.3)  # type: ignore[arg-type]  # slightly expansive: gradients explode
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+def _adding_batch(batch: int, length: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    values = torch.rand(batch, length, generator=gen)
+    idx = torch.rand(batch, length, generator=gen).argsort(dim=1)[:, :2]
+    marks = torch.zeros(batch, length).scatter_(1, idx, 1.0)
+    return torch.stack([values, marks], dim=-1), (values * marks).sum(dim=1, keepdim=True)
+
+
+def _mlp(width: int = 64, depth: int = 12, d_in: int = 16) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(d_in, width), nn.ReLU()]
+    for _ in range(depth - 2):
+        layers += [nn.Linear(width, width), nn.ReLU()]
+    layers.append(nn.Linear(width, 1))
+    for m in layers:
+        if isinstance(m, nn.Linear):  # He initialisation: the signal reaches the output, and so can large updates
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers)
+
+
+@dataclass(frozen=True)
+class _Task:
+    name: str
+    make_model: Callable[[], nn.Module]
+    batch: Callable[[torch.Generator], tuple[Tensor, Tensor]]
+    lr: float
+    spike_window: int
+
+
+def _tasks(seed: int) -> dict[str, _Task]:
+    teacher_gen = torch.Generator().manual_seed(seed + 1)
+    w1 = torch.randn(16, 32, generator=teacher_gen) / 4.0
+    w2 = torch.randn(32, 1, generator=teacher_gen) / math.sqrt(32)
+
+    def mlp_batch(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = torch.randn(64, 16, generator=gen)
+        return x, torch.tanh(x @ w1) @ w2
+
+    return {
+        "rnn": _Task("rnn", _RNN, lambda gen: _adding_batch(32, 50, gen), lr=0.05, spike_window=64),
+        "mlp": _Task("mlp", _mlp, mlp_batch, lr=0.1, spike_window=64),
+    }
+
+
+# ------------------------------------------------------------------------------------------------------ runs
+def _clipper(strategy: str) -> Clipper | None:
+    if strategy == "normclip":
+        return NormClip(max_norm=1.0)
+    if strategy in ("adaptive", "guard"):
+        return AutoClip(percentile=10.0)
+    return None
+
+
+def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
+            sinks: Sequence[str] = ("jsonl", "tensorboard"), tick: Callable[[], None] | None = None) -> RunSummary:
+    """Train ``task`` with ``strategy`` for ``steps`` steps, recorded into ``log_dir``."""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=task.lr)
+    data_gen = torch.Generator().manual_seed(seed)
+    eval_x, eval_y = task.batch(torch.Generator().manual_seed(seed + 12345))
+    clipper = _clipper(strategy)
+    loss_fn = nn.functional.mse_loss
+    diverged_at: int | None = None
+    reasons: dict[str, int] = {}
+    per_layer_every = max(5, steps // 30)
+    start = time.perf_counter()
+    with Monitor(log_dir, per_layer_every=per_layer_every, sinks=tuple(sinks), overwrite=True,
+                 flush_every=max(50, steps)) as monitor:
+        guard = (Guard(model, optimizer, clipper=clipper, spike_z=6.0, spike_window=task.spike_window,
+                       max_consecutive_skips=20, monitor=monitor)
+                 if strategy == "guard" else None)
+        for step in range(1, steps + 1):
+            x, y = task.batch(data_gen)
+            if step % BAD_EVERY == 0:
+                y = y * BAD_SCALE  # a corrupt batch
+            if guard is not None:
+
+                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
+                    return loss_fn(model(x), y)
+
+                report = guard.step(closure)
+                loss = report.loss
+                if report.skipped:
+                    reasons[str(report.reason)] = reasons.get(str(report.reason), 0) + 1
+            else:
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()  # type: ignore[no-untyped-call]
+                if clipper is not None:
+                    stats = clipper(model)
+                else:  # no protection: only measure the norm, with the same engine
+                    grads = [p.grad for p in model.parameters() if p.grad is not None]
+                    stats = ClipStats.unclipped(norm=norms.total_norm(grads))
+                optimizer.step()
+                monitor.record(stats, loss=loss, lr=task.lr, model=model, step=step)
+            if tick is not None:
+                tick()
+            if diverged_at is None and loss is not None and not math.isfinite(float(loss.detach())):  # CPU: free
+                diverged_at = step
+            if diverged_at is not None and strategy == "none" and step >= diverged_at + 10:
+                break  # the weights are NaN: nothing more to see
+    wall = time.perf_counter() - start
+    with torch.no_grad():
+        final = float(loss_fn(model(eval_x), eval_y))
+    s = summarize(load_run(log_dir))  # the numbers in the table are read back from what the Monitor wrote
+    return RunSummary(task.name, strategy, int(s["steps"]), final, int(s["skipped"] or 0),
+                      float(s["clip_rate"] or 0.0), diverged_at, wall, reasons, str(log_dir))
+
+
+def format_table(rows: Sequence[RunSummary]) -> str:
+    """The summary table printed by the demo."""
+    head = ("model", "strategy", "steps", "held-out loss", "skipped", "clip rate", "wall s", "outcome")
+    lines = []
+    for r in rows:
+        if r.diverged_at is not None and not math.isfinite(r.final_loss):
+            outcome = f"diverged: NaN at step {r.diverged_at}"
+        elif r.skipped:
+            why = ", ".join(f"{n} {k}" for k, n in sorted(r.reasons.items()))
+            outcome = f"finite; skipped {why}"
+        else:
+            outcome = "finite"
+        lines.append((r.task, r.strategy, str(r.steps), f"{r.final_loss:.4g}", str(r.skipped),
+                      f"{r.clip_rate:.0%}", f"{r.wall_s:.1f}", outcome))
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" if i in (0, 1, 7) else f"{{:>{w}}}" for i, w in enumerate(widths))
+    out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+    out += [fmt.format(*line) for line in lines]
+    return "\n".join(out)
+
+
+def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = False, steps: int | None = None,
+             seed: int = 0, tasks: Sequence[str] = TASKS, strategies: Sequence[str] = STRATEGIES,
+             report: bool = True, progress: bool | None = None, echo: Callable[[str], Any] = print) -> list[RunSummary]:
+    """Run the demo into ``out`` and return the summaries (see the module docstring)."""
+    n = steps if steps is not None else (QUICK_STEPS if quick else FULL_STEPS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"steps must be a positive integer, got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an integer, got {seed!r}")
+    for t in tasks:
+        if t not in TASKS:
+            raise ValueError(f"unknown task {t!r}; choose from {TASKS}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"unknown strategy {s!r}; choose from {STRATEGIES}")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"--out {str(root)!r} exists and is not a directory")
+    sinks: tuple[str, ...] = ("jsonl", "tensorboard")
+    try:
+        import tensorboard  # type: ignore[import-untyped]  # noqa: F401
+    except ImportError:
+        sinks = ("jsonl",)
+        echo('note: tensorboard is not installed, writing JSONL only (pip install "gradguard[tensorboard]")')
+    defs = _tasks(seed)
+    bar = _bar(len(tasks) * len(strategies) * n, progress)
+    rows: list[RunSummary] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models: one thread is as fast, and the numbers do not depend on the machine
+    try:
+        for t in tasks:
+            for s in strategies:
+                if bar is not None:
+                    bar.set_description(f"{t}/{s}")
+                tick = bar.update if bar is not None else None
+                rows.append(run_one(defs[t], s, n, seed, root / f"{t}-{s}", sinks, tick=tick))
+                if bar is not None and rows[-1].steps < n:
+                    bar.update(n - rows[-1].steps)
+    finally:
+        torch.set_num_threads(threads)
+        if bar is not None:
+            bar.close()
+    table = format_table(rows)
+    echo(table)
+    (root / "summary.txt").write_text(table + "\n", encoding="utf-8")
+    records = [{**asdict(r), "final_loss": encode_number(r.final_loss)} for r in rows]
+    (root / "summary.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    echo("")
+    echo(f"runs (metrics.jsonl + TensorBoard events): {root}/<model>-<strategy>/")
+    if "tensorboard" in sinks:
+        echo(f"  tensorboard --logdir {root}")
+    if report:
+        try:
+            from gradguard.report import build_report
+
+            result = build_report(root, root / "report.html", title="gradguard demo: exploding gradients, "
+                                  "clipping and the Guard")
+            echo(f"report: {result.html}  ({len(result.images)} PNGs beside it)")
+        except ImportError as e:
+            echo(f"no HTML report: {e}")
+    return rows
+
+
+def _bar(total: int, progress: bool | None) -> Any:
+    if progress is False:
+        return None
+    try:
+        from tqdm.auto import tqdm  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return tqdm(total=total, unit="step", leave=False, disable=None if progress is None else False)
