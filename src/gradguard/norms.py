@@ -104,16 +104,36 @@ def combine_norms(norms: Tensor, norm_type: float, *, process_group: dist.Proces
 
 
 # --------------------------------------------------------------------------------------------------- CPU kernels
-def _vector_norm(v: Tensor, p: float) -> Tensor:
-    """p-norm of a 1-D contiguous float32/float64 vector, in its dtype, by the fastest CPU kernel."""
+# CPU reductions work on *partials*: the sum of squares for p = 2 (so the square root is taken once, at the end),
+# the max of |x| for p = inf, and the p-norm itself otherwise. Partials of disjoint pieces combine into the partial
+# of their union with _merge; _finish turns a partial into a norm.
+def _partial(v: Tensor, p: float) -> Tensor:
+    """The partial of a 1-D contiguous float32/float64 vector, in its dtype, by the fastest CPU kernel."""
     if v.numel() == 0:
         return v.new_zeros(())
     if p == 2.0:
-        return torch.dot(v, v).sqrt()
+        return torch.dot(v, v)
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
     return torch.linalg.vector_norm(v, p)
+
+
+def _merge(parts: list[Tensor], p: float) -> Tensor:
+    """The partial of the union of disjoint pieces, from theirs."""
+    if len(parts) == 1:
+        return parts[0]
+    stacked = torch.stack(parts)
+    if p == 2.0:
+        return stacked.sum()
+    if math.isinf(p):
+        return stacked.amax()
+    return torch.linalg.vector_norm(stacked, p)
+
+
+def _finish(partial: Tensor, p: float) -> Tensor:
+    """The norm from a partial."""
+    return partial.sqrt() if p == 2.0 else partial
 
 
 class _UpcastBuffer:
@@ -130,22 +150,26 @@ class _UpcastBuffer:
         return buf[:n]
 
 
-def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
-    """Norm of one CPU tensor in its accumulation dtype."""
+def _cpu_tensor_partial(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
+    """The partial of one real CPU tensor, in its accumulation dtype (reduced precision: upcast chunk by chunk)."""
     acc = accumulation_dtype(t.dtype)
     if t.numel() == 0:
         return torch.zeros((), dtype=acc)
-    if t.is_complex():
-        return torch.linalg.vector_norm(t, p)
     if t.dtype == acc:
-        return _vector_norm(t.reshape(-1), p)  # a view when contiguous
-    flat = t.reshape(-1)
+        return _partial(t.reshape(-1), p)  # a view when contiguous
     parts = []
-    for chunk in torch.split(flat, _CHUNK):
+    for chunk in torch.split(t.reshape(-1), _CHUNK):
         buf = scratch.get(chunk.numel(), acc)
         buf.copy_(chunk)
-        parts.append(_vector_norm(buf, p))
-    return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), p)
+        parts.append(_partial(buf, p))
+    return _merge(parts, p)
+
+
+def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
+    """Norm of one CPU tensor in its accumulation dtype."""
+    if t.is_complex():
+        return torch.linalg.vector_norm(t, p)
+    return _finish(_cpu_tensor_partial(t, p, scratch), p)
 
 
 def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
@@ -157,12 +181,12 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
-    parts: list[Tensor] = []
+    parts: list[Tensor] = []  # partials
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
     for t in tensors:
         n = t.numel()
         if n >= _SMALL:
-            parts.append(_cpu_tensor_norm(t, p, scratch))
+            parts.append(_cpu_tensor_partial(t, p, scratch))
         elif n:
             d = t.dim()
             key = d if d < 2 else t.shape[1:]  # 0-d and 1-d tensors need no shape
@@ -173,7 +197,7 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
                 items.append((t, n))
     for rest, items in by_rest.items():
         if rest == 0:
-            parts.append(_vector_norm(torch.stack([t for t, _ in items]).to(acc), p))
+            parts.append(_partial(torch.stack([t for t, _ in items]).to(acc), p))
             continue
         shape = () if rest == 1 else tuple(rest)  # type: ignore[arg-type]
         row = math.prod(shape)
@@ -185,11 +209,11 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
                 end += 1
             buf = scratch.get(size, acc)
             torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
-            parts.append(_vector_norm(buf, p))
+            parts.append(_partial(buf, p))
             start = end
     if not parts:
         return torch.zeros((), dtype=acc)
-    return parts[0] if len(parts) == 1 else combine_norms(torch.stack(parts), p)
+    return _finish(_merge(parts, p), p)
 
 
 def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> list[Tensor]:
