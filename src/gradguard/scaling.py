@@ -100,11 +100,14 @@ def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None) -
 
 
 @torch.no_grad()
-def scale_units_(view: Tensor, coef: Tensor) -> None:
-    """Multiply ``view`` in place by ``coef`` broadcast over it (one factor per unit, e.g. per output row).
+def scale_units_(views: Sequence[Tensor], coefs: Sequence[Tensor], smallest: Tensor) -> None:
+    """``views[i] *= coefs[i]`` in place, broadcast over each view (one factor per unit, e.g. per output row).
 
-    On CPU the write is skipped when every factor is 1; on accelerators it always runs (no host read).
+    ``smallest[i]`` is ``coefs[i]``'s smallest factor: on CPU it is read once, for all views, and views whose
+    factors are all 1 are not written; on accelerators every view is multiplied (no host read).
     """
-    if view.is_cpu and coef.is_cpu and not bool((coef != 1).any()):
-        return
-    view.mul_(coef.to(view.device, non_blocking=True))
+    on_host = smallest.is_cpu and all(v.is_cpu for v in views)
+    needed = (smallest < 1).tolist() if on_host else [True] * len(views)
+    for view, coef, need in zip(views, coefs, needed):
+        if need:
+            view.mul_(coef.to(view.device, non_blocking=True))

@@ -93,7 +93,6 @@ class AGC(Clipper):
         p = self.norm_type
         unitwise: list[int] = []
         unit_g: list[Tensor] = []
-        unit_c: list[Tensor] = []
         whole: list[int] = []
         skipped: list[int] = []
         for info in params:  # checked before any gradient is touched
@@ -103,6 +102,9 @@ class AGC(Clipper):
                     "span ranks. Use a global-norm strategy under FSDP2 / tensor parallel (gg.NormClip, gg.ZClip, "
                     "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
                 )
+        views: list[Tensor] = []  # unit views of the gradients (contiguous copies for rare strided ones)
+        strided: list[tuple[Tensor, Tensor]] = []  # (gradient, its contiguous copy) to write back
+        w_units: list[Tensor] = []
         for k, info in enumerate(params):
             if self._excluded(info.name):
                 skipped.append(k)
@@ -113,45 +115,46 @@ class AGC(Clipper):
                 continue
             view_shape, dims = layout
             grad = info.grad
-            g_units = norms.unit_norms(grad, view_shape, dims, p)
-            w_units = norms.unit_norms(info.param.detach(), view_shape, dims, p)
-            coef = _agc_coef(w_units, g_units, self.clipping, self.eps)
             shape = _view_shape(grad, view_shape)
-            if grad.is_contiguous():
-                scale_units_(grad.view(shape), coef)
-            else:  # rare: a strided gradient; scale a contiguous copy and write it back
-                tmp = grad.reshape(shape).clone()
-                scale_units_(tmp, coef)
-                grad.copy_(tmp.view(grad.shape))
+            view = grad.view(shape) if grad.is_contiguous() else grad.reshape(shape).clone()
+            if not grad.is_contiguous():
+                strided.append((grad, view))
             unitwise.append(k)
-            unit_g.append(g_units.reshape(-1))
-            unit_c.append(coef.reshape(-1))
+            views.append(view)
+            unit_g.append(norms.unit_norms(view, None, dims, p))
+            w_units.append(norms.unit_norms(info.param.detach(), view_shape, dims, p))
         order: list[int] = []
         per_parts: list[Tensor] = []
         coef_parts: list[Tensor] = []
-        if unitwise:  # per-parameter norm and smallest factor from the unit values: a few ops, not two per tensor
+        if unitwise:  # every unit of every tensor at once: a handful of ops, not a dozen per tensor
+            device = unit_g[0].device
             counts = [u.numel() for u in unit_g]
-            owner = torch.repeat_interleave(torch.arange(len(unitwise)), torch.tensor(counts)).to(unit_g[0].device)
-            g_all = torch.cat(unit_g)
-            per_parts.append(norms.group_norms(g_all, owner, len(unitwise), p))
-            coef_parts.append(
-                torch.ones(len(unitwise), dtype=g_all.dtype, device=g_all.device).scatter_reduce_(
-                    0, owner, torch.cat(unit_c).to(g_all.dtype), reduce="amin"
-                )
+            owner = torch.repeat_interleave(torch.arange(len(unitwise)), torch.tensor(counts)).to(device)
+            g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
+            w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
+            coef_all = _agc_coef(w_all, g_all, self.clipping, self.eps)
+            smallest = torch.ones(len(unitwise), dtype=g_all.dtype, device=device).scatter_reduce_(
+                0, owner, coef_all, reduce="amin"
             )
+            coefs = [c.view(u.shape) for c, u in zip(torch.split(coef_all, counts), unit_g)]
+            scale_units_(views, coefs, smallest)
+            for grad, copy in strided:
+                grad.copy_(copy.view(grad.shape))
+            per_parts.append(norms.group_norms(g_all, owner, len(unitwise), p))
+            coef_parts.append(smallest)
             order += unitwise
         if whole:
             grads = [params[k].grad for k in whole]
             g_norms = norms.tensor_norms(grads, p, check=False)
-            coefs = _agc_coef(
+            whole_coefs = _agc_coef(
                 norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False),
                 g_norms,
                 self.clipping,
                 self.eps,
             )
-            scale_(grads, coefs)
+            scale_(grads, whole_coefs)
             per_parts.append(g_norms)
-            coef_parts.append(coefs)
+            coef_parts.append(whole_coefs)
             order += whole
         if skipped:
             s_norms = norms.tensor_norms([params[k].grad for k in skipped], p, check=False)
