@@ -60,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
 
     m0, o0 = make()
 
-    def plain(b: torch.Tensor) -> None:
-        o0.zero_grad(set_to_none=True)
-        closure_for(m0, b)().backward()
-        torch.nn.utils.clip_grad_norm_(m0.parameters(), 1.0)
-        o0.step()
+    def plain_step(m: nn.Module, o: torch.optim.Optimizer, b: torch.Tensor) -> None:
+        o.zero_grad(set_to_none=True)
+        closure_for(m, b)().backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        o.step()
 
-    variants["plain loop + torch clip_grad_norm_"] = plain
+    variants["plain loop + torch clip_grad_norm_"] = lambda b: plain_step(m0, o0, b)
 
     m1, o1 = make()
     guard = gg.Guard(m1, o1, clipper=gg.NormClip(1.0))
@@ -81,12 +81,6 @@ def main(argv: list[str] | None = None) -> int:
     def anomaly(b: torch.Tensor) -> None:
         with torch.autograd.detect_anomaly(check_nan=True):
             plain_step(m3, o3, b)
-
-    def plain_step(m: nn.Module, o: torch.optim.Optimizer, b: torch.Tensor) -> None:
-        o.zero_grad(set_to_none=True)
-        closure_for(m, b)().backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        o.step()
 
     variants["plain loop under detect_anomaly"] = anomaly
 

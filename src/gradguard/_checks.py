@@ -18,6 +18,7 @@ __all__ = [
     "FLOAT_DTYPES",
     "check_foreach",
     "check_gradient",
+    "check_monitor",
     "check_nonnegative",
     "check_norm_type",
     "tensor_list",
@@ -101,3 +102,9 @@ def check_gradient(grad: Tensor, where: str, *, complex_ok: bool = True) -> None
         return
     if not grad.is_floating_point():
         raise TypeError(f"{where} has dtype {grad.dtype}; gradients must be floating point or complex")
+
+
+def check_monitor(monitor: Any) -> None:
+    """``monitor`` is ``None`` or has a callable ``record(stats, ...)`` (a ``gg.Monitor``)."""
+    if monitor is not None and not callable(getattr(monitor, "record", None)):
+        raise TypeError(f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}")

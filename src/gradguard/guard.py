@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import norms
+from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import check_int, check_number
 from gradguard.diagnose import (
@@ -302,10 +303,7 @@ class Guard:
         self.check_params_every = (
             None if check_params_every is None else check_int(check_params_every, "check_params_every", low=1)
         )
-        if monitor is not None and not callable(getattr(monitor, "record", None)):
-            raise TypeError(
-                f"monitor must have a record(stats, ...) method (e.g. gg.Monitor), got {type(monitor).__name__}"
-            )
+        check_monitor(monitor)
         if ema is not None and not callable(getattr(ema, "update_parameters", None)):
             raise TypeError("ema must have update_parameters(model) (e.g. torch.optim.swa_utils.AveragedModel)")
         self.model = model

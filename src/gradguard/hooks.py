@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard import distributed, norms
+from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
 from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain
 
@@ -304,8 +305,7 @@ def attach(
             "gradguard is already attached to this optimizer (it would clip twice); call handle.remove() on the "
             "first handle before attaching again"
         )
-    if monitor is not None and not callable(getattr(monitor, "record", None)):
-        raise TypeError(f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}")
+    check_monitor(monitor)
     if parameters is not None:
         if not isinstance(parameters, (nn.Module, Tensor, Mapping)):
             parameters = list(parameters)  # a generator such as model.parameters() is read once per step

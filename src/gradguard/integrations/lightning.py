@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
@@ -97,10 +98,7 @@ class GradGuardCallback(_Base):
         prefix: str = "gradguard/",
     ) -> None:
         super().__init__()
-        if monitor is not None and not callable(getattr(monitor, "record", None)):
-            raise TypeError(
-                f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}"
-            )
+        check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
@@ -80,10 +81,7 @@ class GradGuardCallback(_Base):
         process_group: dist.ProcessGroup | None = None,
         prefix: str = "gradguard/",
     ) -> None:
-        if monitor is not None and not callable(getattr(monitor, "record", None)):
-            raise TypeError(
-                f"monitor must have a record(stats, ...) method (a gg.Monitor), got {type(monitor).__name__}"
-            )
+        check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
