@@ -15,6 +15,7 @@ import argparse
 import datetime
 import os
 import socket
+import sys
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,11 @@ def _spawned(rank: int, world: int, steps: int, port: int) -> None:
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     train(rank, world, steps)
+    # train() destroyed its process group. Leave without interpreter finalization: gloo's worker threads can still
+    # hold tensors then, and destroying them aborts the process after the work succeeded (a torch.distributed
+    # teardown race).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def main(steps: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 
 import pytest
 import torch
@@ -38,8 +39,22 @@ def _init(rank: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
 
 
+def _exit_worker(rank: int, fn, port: int) -> None:
+    """Run ``fn`` in a spawned worker; on success, skip interpreter finalization.
+
+    gloo's worker threads can still hold tensors when the interpreter finalizes, and destroying them then aborts the
+    process (SIGABRT, "terminate called without an active exception") after all the work succeeded: a teardown race in
+    torch.distributed, not in the code under test. The workers destroy their process group themselves; ``os._exit(0)``
+    then leaves without finalization. A failing worker raises as usual, and ``mp.spawn`` reports its traceback.
+    """
+    fn(rank, port)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _run(fn) -> None:
-    mp.spawn(fn, args=(_free_port(),), nprocs=WORLD, join=True)
+    mp.spawn(_exit_worker, args=(fn, _free_port()), nprocs=WORLD, join=True)
 
 
 def _gather(t: torch.Tensor) -> list[torch.Tensor]:
