@@ -32,7 +32,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["Diagnosis", "NonFiniteError", "TrainingDivergedError", "explain", "locate_nonfinite"]
+__all__ = ["Diagnosis", "NonFiniteError", "TrainingDivergedError", "explain", "locate_nonfinite", "nonfinite_names"]
 
 STAGES = ("input", "forward", "backward", "step")
 
@@ -117,6 +117,22 @@ class TrainingDivergedError(RuntimeError):
     def __init__(self, message: str, diagnosis: Diagnosis | None) -> None:
         super().__init__(message + ("\n" + str(diagnosis) if diagnosis is not None else ""))
         self.diagnosis = diagnosis
+
+
+def nonfinite_names(named: list[tuple[str, Tensor | None]]) -> tuple[str, ...]:
+    """Names whose tensor holds a NaN or an infinity (``None`` tensors are skipped).
+
+    For the failure path: one inf-norm pass through the norm engine and one host read. DTensors are checked on their
+    local shards, so no collective is issued (a rank reports the parameters that are bad *there*).
+    """
+    from gradguard import norms
+    from gradguard.distributed import local_tensor
+
+    present = [(n, local_tensor(t)) for n, t in named if t is not None]
+    if not present:
+        return ()
+    per = norms.tensor_norms([t for _, t in present], math.inf, check=False)
+    return tuple(n for (n, _), ok in zip(present, torch.isfinite(per).tolist()) if not ok)
 
 
 # ------------------------------------------------------------------------------------------------ cause rules

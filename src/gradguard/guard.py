@@ -45,6 +45,7 @@ from gradguard.diagnose import (
     _set_rng_state,
     explain,
     locate_nonfinite,
+    nonfinite_names,
 )
 from gradguard.distributed import all_reduce_max_
 
@@ -566,9 +567,4 @@ class Guard:
 
     def _nonfinite_names(self, *, grads: bool) -> tuple[str, ...]:
         """Parameters with a non-finite gradient (or value): the failure path, where a host read is fine."""
-        candidates = [(n, (p.grad if grads else p.detach())) for n, p in self.model.named_parameters()]
-        named = [(n, t) for n, t in candidates if t is not None]
-        if not named:
-            return ()
-        per = norms.tensor_norms([t for _, t in named], math.inf, check=False)
-        return tuple(n for (n, _), ok in zip(named, torch.isfinite(per).tolist()) if not ok)
+        return nonfinite_names([(n, p.grad if grads else p.detach()) for n, p in self.model.named_parameters()])

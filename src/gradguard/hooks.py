@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from gradguard import distributed, norms
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
-from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain
+from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain, nonfinite_names
 
 __all__ = ["AttachHandle", "StepGate", "attach", "skip_step_"]
 
@@ -148,7 +148,7 @@ class StepGate:
 
     def _diagnosis(self, infos: list[Any]) -> Diagnosis:
         # local shards only: this runs on the error path and must issue no collective
-        bad = [i.name for i in infos if not bool(torch.isfinite(distributed.local_tensor(i.grad)).all())]
+        bad = nonfinite_names([(i.name, i.grad) for i in infos])
         if bad:
             cause, fix = explain("backward")
         else:
