@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -280,7 +281,12 @@ def test_wandb_offline_sink(tmp_path, monkeypatch):
     with gg.Monitor(tmp_path, sinks=("jsonl", "wandb"), wandb_kwargs={"project": "gradguard-test"}) as monitor:
         _train(monitor, steps=3)
     (run_file,) = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    # W&B's service process writes the records after finish() returns; wait for them (bounded), then check.
+    deadline = time.monotonic() + 60
     data = run_file.read_bytes()
+    while b"gradguard/norm_after" not in data and time.monotonic() < deadline:
+        time.sleep(0.2)
+        data = run_file.read_bytes()
     assert b"gradguard/loss" in data and b"gradguard/norm_after" in data
 
 
