@@ -10,16 +10,20 @@ Two models prone to exploding gradients, each trained four ways on the same data
   learning rate (0.1) high enough to diverge.
 
 In both data streams every ``BAD_EVERY``-th batch is corrupt: its targets are multiplied by ``BAD_SCALE`` (a unit
-error, the kind of bad record real pipelines produce). The four ways:
+error, the kind of bad record real pipelines produce). In the mlp stream, batch ``NAN_STEP`` also has a missing value:
+one input feature is NaN. The four ways:
 
 * ``none`` — plain SGD: the gradient norm explodes and the loss becomes NaN;
-* ``normclip`` — ``gg.NormClip(max_norm=1.0)`` (Pascanu et al.): stays finite; the bad batches still get a full
-  (clipped) step;
+* ``normclip`` — ``gg.NormClip(max_norm=1.0)`` (Pascanu et al.): survives the explosion; the corrupt batches still
+  get a full (clipped) step, and the NaN batch puts NaN into the weights (clipping cannot repair a NaN gradient);
 * ``adaptive`` — ``gg.AutoClip(percentile=10)`` (Seetharaman et al. 2020): the threshold is the 10th percentile of
-  the run's own gradient-norm history, so no number has to be guessed;
-* ``guard`` — ``gg.Guard(clipper=gg.AutoClip(10), spike_z=6)``: clips the same way, and skips the steps whose loss or
-  gradient norm is more than 6 standard deviations above its recent range (the corrupt batches), saying why.
+  the run's own gradient-norm history, so no number has to be guessed; the NaN batch kills it too;
+* ``guard`` — ``gg.Guard(clipper=gg.AutoClip(10), spike_z=6)``: clips the same way, skips the NaN batch (the weights
+  never see it) and the steps whose loss or gradient norm is more than 6 standard deviations above its recent range
+  (the corrupt batches), and says why: its :class:`~gradguard.Diagnosis` of the NaN batch names the stage
+  (``input``), the module and the op where the NaN first appeared, the cause and the fix.
 
+A run whose weights have gone NaN is stopped ``STOP_AFTER`` steps later (they stay NaN; nothing more to see).
 Each run is recorded by a :class:`~gradguard.Monitor` (JSONL + TensorBoard) into ``OUT/<model>-<strategy>/``;
 ``OUT/report.html`` (with its PNGs beside it) compares them. Deterministic for a seed.
 """
@@ -45,12 +49,14 @@ from gradguard.guard import Guard
 from gradguard.monitor import Monitor, encode_number
 from gradguard.report import load_run, summarize
 
-__all__ = ["STRATEGIES", "TASKS", "RunSummary", "format_table", "run_demo"]
+__all__ = ["LEGEND", "STRATEGIES", "TASKS", "YOUR_LOOP", "RunSummary", "format_table", "run_demo"]
 
 STRATEGIES = ("none", "normclip", "adaptive", "guard")
 TASKS = ("rnn", "mlp")
 BAD_EVERY = 40  # every 40th batch is corrupt (after the Guard's spike detector has 32 steps of history) ...
 BAD_SCALE = 30.0  # ... its targets are 30x too large
+NAN_STEP = 100  # the mlp stream's batch 100 has a missing value: one input feature is NaN
+STOP_AFTER = 10  # a run whose weights went NaN is stopped this many steps later
 QUICK_STEPS = 150
 FULL_STEPS = 600
 
@@ -69,6 +75,24 @@ class RunSummary:
     wall_s: float
     reasons: dict[str, int]
     log_dir: str
+    nan_batch: int | None = None  # the step whose batch had a NaN input, if the run got that far
+    diagnosis: str | None = None  # the Guard's diagnosis of its first non-finite step (else of its first spike)
+
+
+#: What the table's columns mean (printed under it).
+LEGEND = f"""\
+columns: steps          steps trained (a run whose weights went NaN is stopped {STOP_AFTER} steps later: they stay NaN)
+         held-out loss  MSE on a clean held-out batch after training (nan: the weights are NaN)
+         skipped        steps the Guard skipped: the optimizer did not step, the weights are as before
+         clip rate      share of the steps whose gradients the clipper scaled down
+         wall s         training time of the run, in seconds
+         outcome        finite, or the first step with a NaN loss and why; the Guard's skips by reason"""
+
+#: The lines a user adds to their own loop (printed at the end of the demo; a test runs them).
+YOUR_LOOP = """\
+import gradguard as gg
+guard = gg.Guard(model, optimizer, clipper=gg.AutoClip(percentile=10.0), spike_z=6.0)  # once, after the optimizer
+report = guard.step(lambda: loss_fn(model(x), y))  # replaces zero_grad(), loss.backward(), optimizer.step()"""
 
 
 # ------------------------------------------------------------------------------------------------------ tasks
@@ -110,6 +134,7 @@ class _Task:
     batch: Callable[[torch.Generator], tuple[Tensor, Tensor]]
     lr: float
     spike_window: int
+    nan_step: int | None = None  # this batch gets a NaN input feature
 
 
 def _tasks(seed: int) -> dict[str, _Task]:
@@ -123,7 +148,7 @@ def _tasks(seed: int) -> dict[str, _Task]:
 
     return {
         "rnn": _Task("rnn", _RNN, lambda gen: _adding_batch(32, 50, gen), lr=0.05, spike_window=64),
-        "mlp": _Task("mlp", _mlp, mlp_batch, lr=0.1, spike_window=64),
+        "mlp": _Task("mlp", _mlp, mlp_batch, lr=0.1, spike_window=64, nan_step=NAN_STEP),
     }
 
 
@@ -147,7 +172,10 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
     clipper = _clipper(strategy)
     loss_fn = nn.functional.mse_loss
     diverged_at: int | None = None
+    nan_batch: int | None = None
     reasons: dict[str, int] = {}
+    nonfinite_diagnosis: str | None = None
+    spike_diagnosis: str | None = None
     per_layer_every = max(5, steps // 30)
     start = time.perf_counter()
     with Monitor(log_dir, per_layer_every=per_layer_every, sinks=tuple(sinks), overwrite=True,
@@ -159,6 +187,11 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
             x, y = task.batch(data_gen)
             if step % BAD_EVERY == 0:
                 y = y * BAD_SCALE  # a corrupt batch
+            if step == task.nan_step:  # a missing value in the input
+                x = x.clone()
+                x.view(-1)[3] = math.nan
+                nan_batch = step
+            reached_weights = True  # did this step's loss reach the weights?
             if guard is not None:
 
                 def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
@@ -167,7 +200,13 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
                 report = guard.step(closure)
                 loss = report.loss
                 if report.skipped:
+                    reached_weights = False
                     reasons[str(report.reason)] = reasons.get(str(report.reason), 0) + 1
+                    d = report.diagnosis
+                    if d is not None and d.event == "nonfinite" and nonfinite_diagnosis is None:
+                        nonfinite_diagnosis = str(d)
+                    elif d is not None and d.event != "nonfinite" and spike_diagnosis is None:
+                        spike_diagnosis = str(d)
             else:
                 optimizer.zero_grad(set_to_none=True)
                 loss = loss_fn(model(x), y)
@@ -181,16 +220,18 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
                 monitor.record(stats, loss=loss, lr=task.lr, model=model, step=step)
             if tick is not None:
                 tick()
-            if diverged_at is None and loss is not None and not math.isfinite(float(loss.detach())):  # CPU: free
+            if (diverged_at is None and reached_weights and loss is not None
+                    and not math.isfinite(float(loss.detach()))):  # CPU: a free read
                 diverged_at = step
-            if diverged_at is not None and strategy == "none" and step >= diverged_at + 10:
-                break  # the weights are NaN: nothing more to see
+            if diverged_at is not None and step >= diverged_at + STOP_AFTER:
+                break  # the weights are NaN and stay NaN: nothing more to see
     wall = time.perf_counter() - start
     with torch.no_grad():
         final = float(loss_fn(model(eval_x), eval_y))
     s = summarize(load_run(log_dir))  # the numbers in the table are read back from what the Monitor wrote
     return RunSummary(task.name, strategy, int(s["steps"]), final, int(s["skipped"] or 0),
-                      float(s["clip_rate"] or 0.0), diverged_at, wall, reasons, str(log_dir))
+                      float(s["clip_rate"] or 0.0), diverged_at, wall, reasons, str(log_dir), nan_batch,
+                      nonfinite_diagnosis or spike_diagnosis)
 
 
 def format_table(rows: Sequence[RunSummary]) -> str:
@@ -199,7 +240,8 @@ def format_table(rows: Sequence[RunSummary]) -> str:
     lines = []
     for r in rows:
         if r.diverged_at is not None and not math.isfinite(r.final_loss):
-            outcome = f"diverged: NaN at step {r.diverged_at}"
+            why = "the NaN batch" if r.diverged_at == r.nan_batch else "the updates blew up"
+            outcome = f"diverged: NaN at step {r.diverged_at} ({why})"
         elif r.skipped:
             why = ", ".join(f"{n} {k}" for k, n in sorted(r.reasons.items()))
             outcome = f"finite; skipped {why}"
@@ -256,13 +298,13 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-    table = format_table(rows)
-    echo(table)
-    (root / "summary.txt").write_text(table + "\n", encoding="utf-8")
+    text = "\n\n".join([_data_line(n, tasks), format_table(rows), LEGEND, *_said(rows)])
+    echo(text)
+    (root / "summary.txt").write_text(text + "\n", encoding="utf-8")
     records = [{**asdict(r), "final_loss": encode_number(r.final_loss)} for r in rows]
     (root / "summary.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
     echo("")
-    echo(f"runs (metrics.jsonl + TensorBoard events): {root}/<model>-<strategy>/")
+    echo(f"runs (metrics.jsonl + TensorBoard events; every skip with its diagnosis): {root}/<model>-<strategy>/")
     if "tensorboard" in sinks:
         echo(f"  tensorboard --logdir {root}")
     if report:
@@ -274,7 +316,25 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
             echo(f"report: {result.html}  ({len(result.images)} PNGs beside it)")
         except ImportError as e:
             echo(f"no HTML report: {e}")
+    echo("")
+    echo("To guard your own loop, add these lines (when report.skipped, guard.diagnosis says why):")
+    echo("\n".join("    " + line for line in YOUR_LOOP.splitlines()))
     return rows
+
+
+def _data_line(steps: int, tasks: Sequence[str]) -> str:
+    line = (f"Same data and initial weights for every strategy; every {BAD_EVERY}th batch is corrupt (targets "
+            f"x{BAD_SCALE:g})")
+    if "mlp" in tasks and steps >= NAN_STEP:
+        line += f", and mlp batch {NAN_STEP} has a NaN input (a missing value)"
+    return line + "."
+
+
+def _said(rows: Sequence[RunSummary]) -> list[str]:
+    """The Guard's diagnoses, one block per guard run that skipped a step."""
+    said = [f"What the Guard said ({r.task}-guard):\n" + "\n".join("  " + line for line in r.diagnosis.splitlines())
+            for r in rows if r.diagnosis is not None]
+    return said
 
 
 def _bar(total: int, progress: bool | None) -> Any:
