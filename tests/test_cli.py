@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import gradguard
 from gradguard.cli import EXIT_OK, EXIT_USAGE, main
+from gradguard.demo import run_demo
 
 
 def test_python_m_gradguard_and_help():
@@ -39,3 +43,31 @@ def test_demo_without_report_runs_in_process(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "model" in out and "strategy" in out and "rnn" in out and "mlp" in out
     assert not (tmp_path / "report.html").exists() and (tmp_path / "summary.txt").is_file()
+
+
+def test_version(capsys):
+    assert main(["--version"]) == EXIT_OK
+    assert capsys.readouterr().out == f"gradguard {gradguard.__version__}\n"
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert re.search(r'^version = "(.+)"$', pyproject, flags=re.M).group(1) == gradguard.__version__
+
+
+def test_report_into_a_missing_directory_is_an_error_and_writes_nothing(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    run_demo(runs, steps=3, tasks=("mlp",), strategies=("normclip",), report=False, progress=False,
+             echo=lambda *_: None)
+    run = runs / "mlp-normclip"
+    before = sorted(tmp_path.rglob("*"))
+    missing = tmp_path / "no" / "such" / "out.html"
+    assert main(["report", str(run), "-o", str(missing)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "does not exist" in err and f"mkdir -p {missing.parent}" in err and "Nothing was written" in err
+    (tmp_path / "afile").write_text("")
+    before.append(tmp_path / "afile")
+    assert main(["report", str(run), "-o", str(tmp_path / "afile" / "out.html")]) == EXIT_USAGE
+    assert "is not a directory" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == sorted(before)  # no directory created, no file written
+    pytest.importorskip("matplotlib")
+    (tmp_path / "reports").mkdir()  # an existing directory: the check is not in the way
+    assert main(["report", str(run), "-o", str(tmp_path / "reports" / "r.html")]) == EXIT_OK
+    assert (tmp_path / "reports" / "r.html").is_file() and list((tmp_path / "reports").glob("r-*.png"))

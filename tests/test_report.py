@@ -80,6 +80,7 @@ def test_single_run_report_references_every_png(recorded, tmp_path):
 
 def test_multi_run_report_and_cli(recorded, tmp_path, capsys):
     out = tmp_path / "out" / "cmp.html"
+    out.parent.mkdir()  # `gradguard report -o` creates no directories (a typo is an error, tests/test_cli.py)
     assert main(["report", str(recorded), "-o", str(out), "--title", "two clippers"]) == EXIT_OK
     printed = capsys.readouterr().out
     assert f"report: {out}" in printed

@@ -1,7 +1,7 @@
-"""The ``gradguard`` command line: ``gradguard demo`` and ``gradguard report RUN_DIR``.
+"""The ``gradguard`` command line: ``gradguard demo``, ``gradguard report RUN_DIR`` and ``gradguard --version``.
 
-Exit codes: 0 success; 2 bad arguments or unreadable input (nothing is written); 3 an optional dependency is
-missing (the message names the ``pip install`` that adds it).
+Exit codes: 0 success; 2 bad arguments, unreadable input or an output directory that does not exist (nothing is
+written); 3 an optional dependency is missing (the message names the ``pip install`` that adds it).
 """
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+from gradguard import __version__
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -39,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="gradguard",
         description="gradguard keeps PyTorch training stable. Start with `gradguard demo`.",
     )
+    parser.add_argument("--version", action="version", version=f"gradguard {__version__}",
+                        help="print the version of gradguard and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -46,8 +51,9 @@ def _parser() -> argparse.ArgumentParser:
         "demo", help="train models prone to exploding gradients with no protection, NormClip, an adaptive "
         "clipper and the Guard, side by side (CPU), and write logs and an HTML report",
         description="Train a vanilla RNN on the adding problem and a deep MLP at a high learning rate, each with no "
-        "protection, gg.NormClip, an adaptive clipper (gg.AutoClip) and gg.Guard; every 40th batch is corrupt. "
-        "Prints a summary table and writes JSONL, TensorBoard logs and report.html into --out.",
+        "protection, gg.NormClip, an adaptive clipper (gg.AutoClip) and gg.Guard; every 40th batch is corrupt and "
+        "one mlp batch has a NaN input. Prints a summary table with the Guard's diagnoses and the lines to add to "
+        "your own loop, and writes JSONL, TensorBoard logs and report.html into --out (created if needed).",
     )
     demo.add_argument("--out", default="gradguard-demo", metavar="DIR",
                       help="output directory (default: ./gradguard-demo)")
@@ -65,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="the log_dir given to gg.Monitor")
     report.add_argument("-o", "--output", default=None, metavar="OUT.html",
-                        help="report file (default: RUN_DIR/report.html)")
+                        help="report file, in an existing directory (default: RUN_DIR/report.html)")
     report.add_argument("--title", default=None, help="report title")
     return parser
 
@@ -77,6 +83,13 @@ def _error(command: str, message: str) -> None:
 def _report(args: argparse.Namespace) -> int:
     from gradguard.report import ReportError, build_report
 
+    if args.output is not None:  # never create directories the user did not ask for: a typo must not go unnoticed
+        parent = Path(args.output).parent
+        if not parent.is_dir():
+            what = "is not a directory" if parent.exists() else "does not exist"
+            _error("report", f"the directory of -o {args.output!r} ({str(parent)!r}) {what}; create it first "
+                   f"(mkdir -p {parent}) or pass -o a file in an existing directory. Nothing was written.")
+            return EXIT_USAGE
     try:
         result = build_report(args.run_dir, args.output, title=args.title)
     except ReportError as e:
