@@ -71,7 +71,7 @@ class RunSummary:
     final_loss: float  # held-out loss on clean data after training (nan when the weights are not finite)
     skipped: int
     clip_rate: float
-    diverged_at: int | None  # first step with a non-finite training loss, if any
+    diverged_at: int | None  # first step whose non-finite loss reached the weights (the Guard's skips do not count)
     wall_s: float
     reasons: dict[str, int]
     log_dir: str
@@ -298,7 +298,7 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-    text = "\n\n".join([_data_line(n, tasks), format_table(rows), LEGEND, *_said(rows)])
+    text = "\n\n".join([_data_line(n, [defs[t] for t in tasks]), format_table(rows), LEGEND, *_said(rows)])
     echo(text)
     (root / "summary.txt").write_text(text + "\n", encoding="utf-8")
     records = [{**asdict(r), "final_loss": encode_number(r.final_loss)} for r in rows]
@@ -322,19 +322,20 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
     return rows
 
 
-def _data_line(steps: int, tasks: Sequence[str]) -> str:
+def _data_line(steps: int, tasks: Sequence[_Task]) -> str:
+    """What is in the data, printed above the table."""
     line = (f"Same data and initial weights for every strategy; every {BAD_EVERY}th batch is corrupt (targets "
             f"x{BAD_SCALE:g})")
-    if "mlp" in tasks and steps >= NAN_STEP:
-        line += f", and mlp batch {NAN_STEP} has a NaN input (a missing value)"
+    for t in tasks:
+        if t.nan_step is not None and t.nan_step <= steps:
+            line += f", and {t.name} batch {t.nan_step} has a NaN input (a missing value)"
     return line + "."
 
 
 def _said(rows: Sequence[RunSummary]) -> list[str]:
     """The Guard's diagnoses, one block per guard run that skipped a step."""
-    said = [f"What the Guard said ({r.task}-guard):\n" + "\n".join("  " + line for line in r.diagnosis.splitlines())
+    return [f"What the Guard said ({r.task}-guard):\n" + "\n".join("  " + line for line in r.diagnosis.splitlines())
             for r in rows if r.diagnosis is not None]
-    return said
 
 
 def _bar(total: int, progress: bool | None) -> Any:
