@@ -22,10 +22,16 @@ def test_python_m_gradguard_and_help():
     assert "demo" in proc.stdout and "report" in proc.stdout
 
 
-@pytest.mark.skipif(shutil.which("gradguard") is None, reason="the console script is not installed (pip install -e .)")
+# the environment's own script first (a virtual environment that is not activated), then PATH
+SCRIPT = shutil.which("gradguard", path=str(Path(sys.executable).parent)) or shutil.which("gradguard")
+
+
+@pytest.mark.skipif(SCRIPT is None, reason="the console script is not installed (pip install -e .)")
 def test_console_script():
-    proc = subprocess.run(["gradguard", "report", "--help"], capture_output=True, text=True, timeout=120, check=False)
+    proc = subprocess.run([SCRIPT, "report", "--help"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and "RUN_DIR" in proc.stdout and "-o OUT.html" in proc.stdout
+    proc = subprocess.run([SCRIPT, "--version"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and proc.stdout == f"gradguard {gradguard.__version__}\n"
 
 
 def test_usage_errors(capsys):
