@@ -66,10 +66,11 @@ def test_single_run_report_references_every_png(recorded, tmp_path):
     assert result.html == run_dir / "report.html"
     html = result.html.read_text()
     embedded = _images(html)
-    written = {p.name: p.read_bytes() for p in run_dir.glob("*.png")}
-    assert set(written) == {"report-training.png", "report-layers.png", "report-update_ratio.png"}
-    assert embedded == written  # every PNG beside the report is in it, byte for byte
-    assert {p.name for p in result.images} == set(written)
+    written = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.glob("report_files/*.png")}
+    assert set(written) == {"report_files/training.png", "report_files/layers.png", "report_files/update_ratio.png"}
+    assert embedded == written  # every PNG in the report's folder is in it, byte for byte
+    assert {p.relative_to(run_dir).as_posix() for p in result.images} == set(written)
+    assert not list(run_dir.glob("*.png"))  # nothing beside the HTML
     for data in written.values():
         _check_png(data)
     # the content: summary, the skipped step and its diagnosis, the layer section
@@ -85,14 +86,19 @@ def test_multi_run_report_and_cli(recorded, tmp_path, capsys):
     assert f"report: {out}" in printed
     html = out.read_text()
     embedded = _images(html)
-    written = {p.name: p.read_bytes() for p in out.parent.glob("*.png")}
+    written = {p.relative_to(out.parent).as_posix(): p.read_bytes() for p in out.parent.glob("cmp_files/*.png")}
     assert embedded == written
-    assert {"cmp-compare_grad_norm.png", "cmp-compare_loss.png", "cmp-normclip-training.png",
-            "cmp-zclip-training.png", "cmp-normclip-layers.png", "cmp-zclip-layers.png"} <= set(written)
+    assert {f"cmp_files/{n}.png" for n in ("compare_grad_norm", "compare_loss", "normclip-training", "zclip-training",
+                                            "normclip-layers", "zclip-layers")} <= set(written)
+    assert [p.name for p in out.parent.iterdir()] == ["cmp_files", "cmp.html"] or \
+        sorted(p.name for p in out.parent.iterdir()) == ["cmp.html", "cmp_files"]
     for data in written.values():
         _check_png(data)
     assert "<title>two clippers</title>" in html
-    assert html.count("<h2 id=") == 2
+    assert html.count("<h2 id=") == 3  # the summary and one section per run
+    # the table of contents links every run's section
+    for anchor in ("run-normclip", "run-zclip"):
+        assert f'<a href="#{anchor}">' in html and f'<h2 id="{anchor}">' in html
 
 
 def test_report_of_a_diverged_run_and_a_crash_truncated_file(tmp_path):
