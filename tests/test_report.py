@@ -205,8 +205,11 @@ def test_report_renders_in_headless_chromium(recorded, tmp_path):
     result = build_report(recorded, tmp_path / "report.html")
     n_images = len(result.images)
     # a copy with a probe that, after load, writes into the title how many images decoded
-    probe = tmp_path / "probe.html"
-    probe.write_text(result.html.read_text().replace("</body>", _PROBE))
+    page = result.html.read_text()
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="[^"]+">', page)
+    assert csp is not None and "script" not in csp.group(0) and "default-src 'none'" in csp.group(0)
+    probe = tmp_path / "probe.html"  # the probe is a script: it runs only without the page's CSP
+    probe.write_text(page.replace(csp.group(0), "").replace("</body>", _PROBE))
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), user_dir=tmp_path / "profile1")
     assert f"<title>IMAGES {n_images} {n_images}</title>" in dom.stdout, dom.stderr[-2000:]
     # the report itself: loads without console errors or failed resources, and paints a non-blank page
@@ -220,3 +223,17 @@ def test_report_renders_in_headless_chromium(recorded, tmp_path):
     assert img.size == (1200, 2000)
     colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text and plots, not an empty or error page
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_content_security_policy_blocks_script_in_chromium(recorded, tmp_path):
+    """Even if a value slipped through unescaped, the page's CSP stops script: the same probe, CSP kept, never runs."""
+    result = build_report(recorded / "normclip", tmp_path / "report.html")
+    page = result.html.read_text()
+    for name, html_text in (("with_csp", page), ("without_csp", re.sub(r'<meta http-equiv="Content-Security-Policy"'
+                                                                       r' content="[^"]+">', "", page))):
+        f = tmp_path / f"{name}.html"
+        f.write_text(html_text.replace("</body>", "<script>document.title = 'PWNED';</script></body>"))
+        dom = _chromium("--virtual-time-budget=5000", "--dump-dom", f.as_uri(), user_dir=tmp_path / f"p_{name}")
+        ran = "<title>PWNED</title>" in dom.stdout
+        assert ran == (name == "without_csp"), (name, dom.stderr[-1500:])  # the control proves the probe works

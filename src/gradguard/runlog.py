@@ -38,7 +38,7 @@ from typing import Any, overload
 
 __all__ = [
     "FIELDS", "HEALTH_FLAGS", "JSONL_NAME", "READABLE_VERSIONS", "SCHEMA_VERSION", "RECORD_TYPES", "ReportError",
-    "RunData", "StepTable", "decode_number", "encode_number", "end_record", "load_run", "meta_record",
+    "RunData", "StepTable", "decode_number", "encode_number", "end_record", "load_run", "meta_record", "record",
 ]
 
 SCHEMA_VERSION = 1
@@ -122,9 +122,25 @@ def meta_record(*, torch: str, every: int, per_layer_every: int | None, sinks: S
     return rec
 
 
+def record(kind: str, **values: Any) -> dict[str, Any]:
+    """A record of type ``kind`` with every field of :data:`FIELDS` (``None`` where not given), as written.
+
+    >>> record("end", steps_seen=3, clipped_count=1, skipped_count=0)
+    {'type': 'end', 'steps_seen': 3, 'clipped_count': 1, 'skipped_count': 0}
+    """
+    if kind not in FIELDS:
+        raise ValueError(f"kind must be one of {RECORD_TYPES}, got {kind!r}")
+    unknown = set(values) - set(FIELDS[kind]) - ({"resumed"} if kind == "meta" else set())
+    if unknown:
+        raise ValueError(f"{kind} records have no field(s) {sorted(unknown)}; the fields are {FIELDS[kind][1:]}")
+    rec = dict.fromkeys(FIELDS[kind])
+    rec.update(values, type=kind)
+    return rec
+
+
 def end_record(steps_seen: int, clipped_count: int, skipped_count: int) -> dict[str, Any]:
     """The ``end`` record a Monitor writes on close."""
-    return {"type": "end", "steps_seen": steps_seen, "clipped_count": clipped_count, "skipped_count": skipped_count}
+    return record("end", steps_seen=steps_seen, clipped_count=clipped_count, skipped_count=skipped_count)
 
 
 def _short(v: Any, n: int = 60) -> str:
@@ -265,16 +281,24 @@ class StepTable(Sequence[dict[str, Any]]):
             i += n
         if not 0 <= i < n:
             raise IndexError("step index out of range")
-        out: dict[str, Any] = {"type": "step", "step": self._step[i]}
-        for k in STEP_NUMBERS:
-            out[k] = self._num[k][i] if self._has[k][i] else None
-        c = self._clipped[i]
-        out["clipped"] = None if c == 2 else bool(c)
-        out["skipped"] = bool(self._skipped[i])
-        out["reason"] = self._reason[i]
-        for k in STEP_COUNTS:
-            v = self._cnt[k][i]
-            out[k] = None if v < 0 else v
+        out: dict[str, Any] = {}
+        for k in FIELDS["step"]:  # the order written
+            if k in self._num:
+                out[k] = self._num[k][i] if self._has[k][i] else None
+            elif k in self._cnt:
+                v = self._cnt[k][i]
+                out[k] = None if v < 0 else v
+            elif k == "clipped":
+                c = self._clipped[i]
+                out[k] = None if c == 2 else bool(c)
+            elif k == "skipped":
+                out[k] = bool(self._skipped[i])
+            elif k == "reason":
+                out[k] = self._reason[i]
+            elif k == "step":
+                out[k] = self._step[i]
+            else:
+                out[k] = "step"
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -410,17 +434,26 @@ def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunDat
     run = RunData(name=name or root.name or str(root), path=root, meta={})
     last_names: tuple[str, ...] = ()
     after_end = False
-    lineno = 0
     try:
-        with open(path, encoding="utf-8", newline="\n") as f:
-            for lineno, line in enumerate(f, start=1):  # noqa: B007 - lineno is read after the loop
+        with open(path, "rb") as f:  # bytes, split at b"\n" only, decoded line by line: errors name their line
+            for lineno, raw in enumerate(f, start=1):
+                where = f"{path}:{lineno}"
+                complete = raw.endswith(b"\n")
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    if not complete:
+                        run.warnings.append(f"{where}: last line cut short (the run crashed while writing it); "
+                                            "ignored")
+                        continue
+                    raise ReportError(f"{where}: not UTF-8 text (byte {e.start + 1}: {e.reason}); is it a "
+                                      "metrics.jsonl written by gg.Monitor?") from None
                 if not line.strip():
                     continue
-                where = f"{path}:{lineno}"
                 try:
                     rec = json.loads(line, parse_constant=_reject_constant)
                 except (ValueError, RecursionError) as e:
-                    if not line.endswith("\n"):
+                    if not complete:
                         run.warnings.append(f"{where}: last line cut short (the run crashed while writing it); "
                                             "ignored")
                         continue
@@ -464,9 +497,6 @@ def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunDat
                         after_end = True
                 except _Bad as e:
                     raise ReportError(f"{where}: {kind} record, field {e.field!r}: {e.message}") from None
-    except UnicodeDecodeError as e:
-        raise ReportError(f"{str(path)}:{lineno + 1}: not UTF-8 text ({e.reason}); is it a metrics.jsonl written by "
-                          "gg.Monitor?") from None
     except OSError as e:
         raise ReportError(f"{str(path)!r} cannot be read: {e.strerror or e}") from None
     if not run.meta:
