@@ -596,7 +596,7 @@ def _events_html(run: RunData, limit: int = MAX_LISTED) -> str:
     """Every skipped or non-finite step, Guard or not: the step records flag them, the event records explain them."""
     import numpy as np
 
-    nonfinite, skipped, bad = _bad_mask(run)
+    _nonfinite, skipped, bad = _bad_mask(run)
     idx = np.nonzero(bad)[0]
     recorded_steps = run.steps.ints("step")[idx].tolist()
     by_step: dict[int, list[dict[str, Any]]] = {}

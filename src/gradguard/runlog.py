@@ -37,8 +37,21 @@ from pathlib import Path
 from typing import Any, overload
 
 __all__ = [
-    "FIELDS", "HEALTH_FLAGS", "JSONL_NAME", "READABLE_VERSIONS", "SCHEMA_VERSION", "RECORD_TYPES", "ReportError",
-    "RunData", "StepTable", "decode_number", "encode_number", "end_record", "load_run", "meta_record", "record",
+    "FIELDS",
+    "HEALTH_FLAGS",
+    "JSONL_NAME",
+    "READABLE_VERSIONS",
+    "RECORD_TYPES",
+    "SCHEMA_VERSION",
+    "ReportError",
+    "RunData",
+    "StepTable",
+    "decode_number",
+    "encode_number",
+    "end_record",
+    "load_run",
+    "meta_record",
+    "record",
 ]
 
 SCHEMA_VERSION = 1
