@@ -51,10 +51,12 @@ def write_log(run_dir: Path, steps: int, layers: int = 20, layer_every: int = 10
             clipped += clip
             skipped += skip
             coef = min(1.2 / (norm + 1e-6), 1.0) if not bad else 1.0
-            out = [record("step", step=i, time=1.7e9 + 0.05 * i, loss=encode_number(math.nan if bad else 2.0 / (1 + i / 1e4)),
-                          norm=encode_number(norm), norm_after=encode_number(norm * coef), threshold=1.2, coef=coef,
-                          clipped=clip, skipped=skip, reason=("nonfinite_grad" if bad else "loss_spike") if skip else None,
-                          lr=1e-3, steps_seen=i + 1, clipped_count=clipped, skipped_count=skipped)]
+            loss = math.nan if bad else 2.0 / (1 + i / 1e4)
+            reason = ("nonfinite_grad" if bad else "loss_spike") if skip else None
+            out = [record("step", step=i, time=1.7e9 + 0.05 * i, loss=encode_number(loss), norm=encode_number(norm),
+                          norm_after=encode_number(norm * coef), threshold=1.2, coef=coef, clipped=clip,
+                          skipped=skip, reason=reason, lr=1e-3, steps_seen=i + 1, clipped_count=clipped,
+                          skipped_count=skipped)]
             if i % layer_every == 0:
                 grads = [encode_number(math.nan if bad and j == 3 else 10 ** (-(j % 5)) * (1 + (i % 97) / 97))
                          for j in range(layers)]

@@ -301,7 +301,7 @@ def _draw_grad_norm(ax: Any, run: RunData) -> None:
         ax.text(0.5, 0.5, "no gradient norms recorded (loss-only records)", ha="center", transform=ax.transAxes)
     _mark_skips(ax, run)
     ax.set_ylabel("total gradient norm")
-    ax.set_title(f"{run.name}: gradient norm, clip rate and training loss", loc="left")
+    ax.set_title(f"{_t(run.name)}: gradient norm, clip rate and training loss", loc="left")
 
 
 def _draw_loss(ax: Any, run: RunData) -> None:
@@ -478,7 +478,8 @@ def plot_layer_heatmap(run: RunData, key: str = "grad_norm") -> bytes:
     stride = max(1, math.ceil(len(names) / 40))
     ticks = list(range(0, len(names), stride))
     ax.set_yticks(ticks)
-    ax.set_yticklabels([("\u26a0 " if names[i] in flagged else "") + _clip(names[i], 60) for i in ticks], fontsize=7)
+    ax.set_yticklabels([("\u26a0 " if names[i] in flagged else "") + _t(_clip(names[i], 60)) for i in ticks],
+                       fontsize=7)
     for t, i in zip(ax.get_yticklabels(), ticks):
         if names[i] in flagged:
             t.set_color("crimson")
@@ -486,12 +487,18 @@ def plot_layer_heatmap(run: RunData, key: str = "grad_norm") -> bytes:
     ax.set_xticks(xt)
     ax.set_xticklabels([str(steps[i]) for i in xt], fontsize=8)
     ax.set_xlabel("step")
-    ax.set_title(f"{_clip(run.name, 60)}: per-layer {_LAYER_LABEL[key]} (log10)", loc="left")
+    ax.set_title(f"{_t(_clip(run.name, 60))}: per-layer {_LAYER_LABEL[key]} (log10)", loc="left")
     return _png(fig)
 
 
 def _clip(s: str, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "\u2026"
+
+
+def _t(s: str) -> str:
+    r"""A name as matplotlib plain text: every ``$`` escaped, so mathtext never parses it (``lr$\alpha{$`` is drawn
+    as written; the axes' own ``$10^{-1}$`` tick labels still use mathtext)."""
+    return s.replace("$", r"\$")
 
 
 def plot_compare(runs: Sequence[RunData], key: str) -> bytes:
@@ -511,7 +518,7 @@ def plot_compare(runs: Sequence[RunData], key: str) -> bytes:
         any_fin |= bool(fin.size)
         all_pos &= bool((fin > 0).all())
         c = colors(i % 10)
-        _line(ax, x, v, has, lw=1, color=c, label=_clip(run.name, 40))
+        _line(ax, x, v, has, lw=1, color=c, label=_t(_clip(run.name, 40)))
         bad = x[has & ~np.isfinite(v)]
         if bad.size:
             ax.plot(bad[:1], [1.0], "x", color=c, ms=9, mew=2, transform=ax.get_xaxis_transform(), clip_on=False)
@@ -709,12 +716,12 @@ def _render(runs: Sequence[RunData], title: str) -> tuple[str, dict[str, bytes]]
 def render(runs: Sequence[RunData], title: str, image_dir: str = "") -> tuple[str, dict[str, bytes]]:
     """The HTML text and the PNGs (relative path -> bytes) for ``runs``; nothing is written.
 
-    ``image_dir`` prefixes the PNG names (``"report_files/"``). Text is drawn without mathtext (a layer named
-    ``lr$\\alpha{$`` is shown as written). Any failure while drawing is a :class:`ReportError`.
+    ``image_dir`` prefixes the PNG names (``"report_files/"``). Names are drawn as plain text, not mathtext (a
+    layer named ``lr$\\alpha{$`` is shown as written). Any failure while drawing is a :class:`ReportError`.
     """
     mpl = _matplotlib()
     try:
-        with mpl.rc_context({"text.parse_math": False, "text.usetex": False}):
+        with mpl.rc_context({"text.usetex": False}):  # names are escaped for mathtext (_t); never for LaTeX
             doc, images = _render(runs, title)
     except (ReportError, ImportError, MemoryError, KeyboardInterrupt):
         raise
