@@ -460,3 +460,25 @@ def test_fuzz_only_report_error_escapes_and_every_loaded_log_renders(tmp_path_fa
         return
     doc, images = render([run], "fuzz")  # accepted by the loader: must draw, with no error of any kind
     assert doc.count("<img ") == len(images) and "<script" not in doc
+
+
+def test_image_folder_named_after_the_report_and_embedded_only_mode(tmp_path):
+    meta = _meta()
+    resumed = {**meta, "resumed": True}
+    steps = _steps_log([1.0, 2.0, 3.0], [False, True, True])[1:]
+    run_dir = _write(tmp_path / "r", [meta, steps[0], steps[1], resumed, steps[1], steps[2]])
+    out = tmp_path / "site" / "weekly.html"
+    first = build_report(run_dir, out)
+    assert sorted(p.relative_to(out.parent).as_posix() for p in first.images) == ["weekly_files/training.png"]
+    (out.parent / "weekly_files" / "old-layers.png").write_bytes(b"stale")  # left by an earlier report
+    (out.parent / "notes.png").write_bytes(b"mine")  # not the report's: kept
+    build_report(run_dir, out)
+    assert sorted(p.name for p in (out.parent / "weekly_files").iterdir()) == ["training.png"]
+    assert (out.parent / "notes.png").read_bytes() == b"mine"
+    html = out.read_text()
+    assert "resumed (line 4" in html and 'data-file="weekly_files/training.png"' in html
+    only = build_report(run_dir, tmp_path / "mail" / "one.html", write_images=False)
+    assert only.images == () and [p.name for p in (tmp_path / "mail").iterdir()] == ["one.html"]
+    assert len(_images(only.html.read_text())) == 1
+    with pytest.raises(TypeError, match="write_images must be True or False"):
+        build_report(run_dir, tmp_path / "x.html", write_images="no")
