@@ -482,3 +482,16 @@ def test_image_folder_named_after_the_report_and_embedded_only_mode(tmp_path):
     assert len(_images(only.html.read_text())) == 1
     with pytest.raises(TypeError, match="write_images must be True or False"):
         build_report(run_dir, tmp_path / "x.html", write_images="no")
+
+
+def test_every_bad_step_appears_even_beyond_the_listed_ones(tmp_path):
+    from gradguard.report import _events_html
+
+    norms = [1.0] * 100
+    for i in [*range(10, 40), 50, 52, 53, 99]:
+        norms[i] = math.nan
+    run = load_run(_write(tmp_path / "r", _steps_log(norms, [False] * 100)))
+    events = _events_html(run, limit=5)
+    assert events.count("<p class=bad>step ") == 5  # 10..14 in full
+    assert "<p class=bad>and 29 more at step(s) 15\u201339, 50, 52\u201353, 99</p>" in events
+    assert "<p class=bad>34 skipped or non-finite step(s)" in events

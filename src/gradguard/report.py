@@ -599,8 +599,10 @@ def _health_table(run: RunData, limit: int = 200) -> str:
             + rows + "</table>" + more)
 
 
-def _events_html(run: RunData, limit: int = MAX_LISTED) -> str:
-    """Every skipped or non-finite step, Guard or not: the step records flag them, the event records explain them."""
+def _events_html(run: RunData, limit: int = MAX_LISTED, max_ranges: int = 2000) -> str:
+    """Every skipped or non-finite step, Guard or not: the step records flag them, the event records explain them.
+
+    The first ``limit`` in full (with the diagnosis), every other one by step number (as ranges ``41–49``)."""
     import numpy as np
 
     _nonfinite, skipped, bad = _bad_mask(run)
@@ -643,8 +645,26 @@ def _events_html(run: RunData, limit: int = MAX_LISTED) -> str:
         parts.append(f"<pre>{_e(text)}</pre>" if text else
                      "<p class=muted>no diagnosis recorded (run under gg.Guard(..., monitor=...) to get one)</p>")
     if total > len(items):
-        parts.append(f"<p class=bad>… and {_e(total - len(items))} more in {JSONL_NAME}</p>")
+        rest = sorted({int(v) for v in run.steps.ints("step")[idx[limit:]].tolist()}
+                      | {e["step"] for e in unrecorded[max(0, limit - len(idx)):]})
+        ranges = _ranges(rest)
+        shown = ", ".join(ranges[:max_ranges])
+        more = f", … ({len(ranges) - max_ranges} more ranges in {JSONL_NAME})" if len(ranges) > max_ranges else ""
+        parts.append(f"<p class=bad>and {_e(total - len(items))} more at step(s) {_e(shown)}{_e(more)}</p>")
     return "".join(parts)
+
+
+def _ranges(steps: Sequence[int]) -> list[str]:
+    """Sorted step numbers as ranges: ``[3, 4, 5, 9]`` -> ``["3–5", "9"]``."""
+    out: list[str] = []
+    i = 0
+    while i < len(steps):
+        j = i
+        while j + 1 < len(steps) and steps[j + 1] == steps[j] + 1:
+            j += 1
+        out.append(str(steps[i]) if i == j else f"{steps[i]}\u2013{steps[j]}")
+        i = j + 1
+    return out
 
 
 def _slug(s: str) -> str:
