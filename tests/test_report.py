@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import math
 import re
 import shutil
@@ -66,10 +67,11 @@ def test_single_run_report_references_every_png(recorded, tmp_path):
     assert result.html == run_dir / "report.html"
     html = result.html.read_text()
     embedded = _images(html)
-    written = {p.name: p.read_bytes() for p in run_dir.glob("*.png")}
-    assert set(written) == {"report-training.png", "report-layers.png", "report-update_ratio.png"}
-    assert embedded == written  # every PNG beside the report is in it, byte for byte
-    assert {p.name for p in result.images} == set(written)
+    written = {p.relative_to(run_dir).as_posix(): p.read_bytes() for p in run_dir.glob("report_files/*.png")}
+    assert set(written) == {"report_files/training.png", "report_files/layers.png", "report_files/update_ratio.png"}
+    assert embedded == written  # every PNG in the report's folder is in it, byte for byte
+    assert {p.relative_to(run_dir).as_posix() for p in result.images} == set(written)
+    assert not list(run_dir.glob("*.png"))  # nothing beside the HTML
     for data in written.values():
         _check_png(data)
     # the content: summary, the skipped step and its diagnosis, the layer section
@@ -86,14 +88,19 @@ def test_multi_run_report_and_cli(recorded, tmp_path, capsys):
     assert f"report: {out}" in printed
     html = out.read_text()
     embedded = _images(html)
-    written = {p.name: p.read_bytes() for p in out.parent.glob("*.png")}
+    written = {p.relative_to(out.parent).as_posix(): p.read_bytes() for p in out.parent.glob("cmp_files/*.png")}
     assert embedded == written
-    assert {"cmp-compare_grad_norm.png", "cmp-compare_loss.png", "cmp-normclip-training.png",
-            "cmp-zclip-training.png", "cmp-normclip-layers.png", "cmp-zclip-layers.png"} <= set(written)
+    assert {f"cmp_files/{n}.png" for n in ("compare_grad_norm", "compare_loss", "normclip-training", "zclip-training",
+                                            "normclip-layers", "zclip-layers")} <= set(written)
+    assert [p.name for p in out.parent.iterdir()] == ["cmp_files", "cmp.html"] or \
+        sorted(p.name for p in out.parent.iterdir()) == ["cmp.html", "cmp_files"]
     for data in written.values():
         _check_png(data)
     assert "<title>two clippers</title>" in html
-    assert html.count("<h2 id=") == 2
+    assert html.count("<h2 id=") == 3  # the summary and one section per run
+    # the table of contents links every run's section
+    for anchor in ("run-normclip", "run-zclip"):
+        assert f'<a href="#{anchor}">' in html and f'<h2 id="{anchor}">' in html
 
 
 def test_report_of_a_diverged_run_and_a_crash_truncated_file(tmp_path):
@@ -200,8 +207,11 @@ def test_report_renders_in_headless_chromium(recorded, tmp_path):
     result = build_report(recorded, tmp_path / "report.html")
     n_images = len(result.images)
     # a copy with a probe that, after load, writes into the title how many images decoded
-    probe = tmp_path / "probe.html"
-    probe.write_text(result.html.read_text().replace("</body>", _PROBE))
+    page = result.html.read_text()
+    csp = re.search(r'<meta http-equiv="Content-Security-Policy" content="[^"]+">', page)
+    assert csp is not None and "script" not in csp.group(0) and "default-src 'none'" in csp.group(0)
+    probe = tmp_path / "probe.html"  # the probe is a script: it runs only without the page's CSP
+    probe.write_text(page.replace(csp.group(0), "").replace("</body>", _PROBE))
     dom = _chromium("--virtual-time-budget=10000", "--dump-dom", probe.as_uri(), user_dir=tmp_path / "profile1")
     assert f"<title>IMAGES {n_images} {n_images}</title>" in dom.stdout, dom.stderr[-2000:]
     # the report itself: loads without console errors or failed resources, and paints a non-blank page
@@ -215,3 +225,274 @@ def test_report_renders_in_headless_chromium(recorded, tmp_path):
     assert img.size == (1200, 2000)
     colors = img.convert("RGB").getcolors(maxcolors=1 << 20)
     assert colors is not None and len(colors) > 50  # text and plots, not an empty or error page
+
+
+@pytest.mark.skipif(_CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_content_security_policy_blocks_script_in_chromium(recorded, tmp_path):
+    """Even if a value slipped through unescaped, the page's CSP stops script: the same probe, CSP kept, never runs."""
+    result = build_report(recorded / "normclip", tmp_path / "report.html")
+    page = result.html.read_text()
+    for name, html_text in (("with_csp", page), ("without_csp", re.sub(r'<meta http-equiv="Content-Security-Policy"'
+                                                                       r' content="[^"]+">', "", page))):
+        f = tmp_path / f"{name}.html"
+        f.write_text(html_text.replace("</body>", "<script>document.title = 'PWNED';</script></body>"))
+        dom = _chromium("--virtual-time-budget=5000", "--dump-dom", f.as_uri(), user_dir=tmp_path / f"p_{name}")
+        ran = "<title>PWNED</title>" in dom.stdout
+        assert ran == (name == "without_csp"), (name, dom.stderr[-1500:])  # the control proves the probe works
+
+
+# --------------------------------------------------------------------------------- the report tells the truth
+from gradguard.report import clip_rates, layer_grid, render, summarize  # noqa: E402
+from gradguard.runlog import JSONL_NAME, meta_record, record  # noqa: E402
+
+
+def _write(run_dir: Path, records: list[dict]) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / JSONL_NAME).write_text("".join(json.dumps(r, allow_nan=False) + "\n" for r in records))
+    return run_dir
+
+
+def _meta() -> dict:
+    return meta_record(torch="2.0", every=1, per_layer_every=1, sinks=["jsonl"])
+
+
+def _section(html: str, run_anchor: str, title: str = "Skipped and non-finite steps") -> str:
+    start = html.index(f'<h2 id="{run_anchor}">')
+    part = html[start:]
+    nxt = part.find("<h2 id=", 10)
+    part = part if nxt < 0 else part[:nxt]
+    return part[part.index(f"<h3>{title}</h3>"):]
+
+
+def test_a_run_without_guard_that_went_nan_lists_every_bad_step_in_red(tmp_path):
+    """The summary says 'first non-finite 41': the run's section must list step 41 (and every later one), in red."""
+    run = tmp_path / "noguard"
+    with gg.Monitor(run) as monitor:
+        w = torch.ones(3, requires_grad=True)
+        clip = gg.NormClip(1.0)
+        for i in range(50):
+            bad = i >= 41
+            w.grad = torch.full((3,), math.nan if bad else 0.1 * (i % 7))
+            monitor.record(clip([w]), loss=torch.tensor(math.nan if bad else 1.0 / (i + 1)))
+    html = build_report(run).html.read_text()
+    assert summarize(load_run(run))["first_nonfinite_step"] == 41
+    assert re.search(r"<td class=bad>41</td>", html)  # the summary
+    events = _section(html, "run-noguard")
+    assert "No skipped or non-finite step" not in events and "class=ok" not in events
+    assert "<p class=bad>9 skipped or non-finite step(s)" in events
+    for step in range(41, 50):
+        assert f"<p class=bad>step {step} — loss nan, norm nan (not skipped: the update was applied)</p>" in events
+
+
+def _steps_log(norms: list[float], clipped: list[bool]) -> list[dict]:
+    out, c = [_meta()], 0
+    for i, (n, k) in enumerate(zip(norms, clipped)):
+        c += k
+        out.append(record("step", step=i, time=float(i), loss=encode(n), norm=encode(n), norm_after=encode(n),
+                          threshold=1.0, coef=1.0, clipped=k, skipped=False, steps_seen=i + 1, clipped_count=c,
+                          skipped_count=0))
+    return out
+
+
+def encode(x: float) -> float | str:
+    return x if math.isfinite(x) else ("nan" if math.isnan(x) else "inf")
+
+
+def test_clip_rate_counts_only_steps_with_a_finite_norm(tmp_path):
+    # 10 steps: 0-3 clipped, 4 and 5 NaN (neither clipped nor unclipped), 6-9 not clipped
+    norms = [2.0] * 4 + [math.nan, math.inf] + [0.5] * 4
+    clipped = [True] * 4 + [False] * 6
+    log = [*_steps_log(norms, clipped), record("end", steps_seen=10, clipped_count=4, skipped_count=0)]
+    run_dir = _write(tmp_path / "r", log)
+    run = load_run(run_dir)
+    assert summarize(run)["clip_rate"] == pytest.approx(4 / 8)  # not 4 / 10
+    x, rolling, cumulative = clip_rates(run, window=3)
+    assert x.tolist() == list(range(10))
+    # hand-computed: finite steps seen f = 1,2,3,4,4,4,5,6,7,8; clipped c = 1,2,3,4,4,4,4,4,4,4
+    assert cumulative.tolist() == pytest.approx([1, 1, 1, 1, 1, 1, 4 / 5, 4 / 6, 4 / 7, 4 / 8])
+    # window 3: (c_i - c_{i-3}) / (f_i - f_{i-3}); at i=5 the window holds steps 3-5: 1 clipped of 1 finite
+    assert rolling[:3].tolist() == pytest.approx([1, 1, 1])
+    assert rolling[3:].tolist() == pytest.approx([3 / 3, 2 / 2, 1 / 1, 0 / 1, 0 / 2, 0 / 3, 0 / 3])
+    html = build_report(run_dir).html.read_text()
+    assert "<td>50%</td>" in html
+
+
+def test_heatmaps_share_their_columns_and_mark_the_nan_step_in_every_panel(tmp_path):
+    names = ["enc.weight", "enc.bias", "head.weight"]
+    log = [_meta()]
+    for i in range(5):
+        bad = i == 2
+        log.append(record("step", step=i, loss="nan" if bad else 1.0, norm="nan" if bad else 1.0, norm_after=None,
+                          threshold=None, coef=None, clipped=None, skipped=bad, reason="nonfinite_grad" if bad else None,
+                          steps_seen=i + 1, clipped_count=0, skipped_count=int(i >= 2)))
+        log.append(record("layers", step=i, names=names, grad_norm=["nan", 1.0, 2.0] if bad else [1.0, 2.0, 3.0],
+                          param_norm=[1.0, 1.0, 1.0],
+                          update_ratio=None if i in (0, bad and 2) else [1e-3, 2e-3, 0.0]))
+    run_dir = _write(tmp_path / "r", log)
+    run = load_run(run_dir)
+    grad, ratio = layer_grid(run, "grad_norm"), layer_grid(run, "update_ratio")
+    assert grad.steps == ratio.steps == [0, 1, 2, 3, 4]  # no column dropped where update_ratio is null
+    assert grad.marked.tolist() == ratio.marked.tolist() == [False, False, True, False, False]
+    assert grad.bad[:, 2].tolist() == [True, False, False] and not ratio.present[:, 2].any()
+    assert ratio.bad[:, 1].tolist() == [False, False, True]  # the zero ratio: red
+    assert ratio.logged[0, 1] == pytest.approx(-3.0) and grad.logged[2, 0] == pytest.approx(math.log10(3.0))
+    result = build_report(run_dir)
+    assert {p.name for p in result.images} == {"training.png", "layers.png", "update_ratio.png"}
+    for p in result.images:
+        _check_png(p.read_bytes())
+
+
+def test_long_runs_are_drawn_from_bounded_summaries_that_keep_spikes_and_nan():
+    import numpy as np
+
+    from gradguard.report import _envelope, _spans
+
+    n = 100_003
+    x = np.arange(n, dtype=np.int64)
+    y = np.ones(n)
+    y[77_777], y[12_345] = 50.0, 0.01
+    ex, ey = _envelope(x, y, k=100)
+    assert len(ex) <= 200 and 50.0 in ey.tolist() and 0.01 in ey.tolist()
+    assert ex[ey.tolist().index(50.0)] == 77_777 and (np.diff(ex) >= 0).all()
+    bad = np.zeros(n, bool)
+    bad[99_000] = True  # one NaN step among 100k: still shaded, at the right place
+    (start, width), = _spans(x, bad, k=100)
+    assert start <= 99_000 <= start + width and width < n / 50
+    # many layer records merge into bounded columns, and a NaN column is still marked
+    log_rows = []
+    for i in range(3000):
+        log_rows.append({"type": "layers", "step": i, "names": ("a", "b"), "param_norm": None, "update_ratio": None,
+                         "grad_norm": __import__("array").array("d", [math.nan if i == 2500 else 1.0, float(i + 1)])})
+    from gradguard.runlog import RunData, StepTable
+    run = RunData(name="r", path=Path("."), meta={"type": "meta"}, steps=StepTable(), layers=log_rows)
+    g = layer_grid(run, "grad_norm", max_columns=100)
+    assert g.logged.shape == (2, 100) and g.marked.sum() == 1 and g.steps[g.marked.argmax()] <= 2500
+    assert g.logged[1].max() == pytest.approx(math.log10(3000))  # the largest value of each merged column
+
+
+def test_layer_and_run_names_that_matplotlib_would_parse_as_math(tmp_path):
+    names = [r"lr$\alpha{$", "$x^{", r"\frac{"]
+    log = [_meta(), record("step", step=0, loss=1.0, norm=1.0, norm_after=1.0, threshold=1.0, coef=1.0,
+                           clipped=False, skipped=False, steps_seen=1, clipped_count=0, skipped_count=0),
+           record("layers", step=0, names=names, grad_norm=[1.0, 2.0, 3.0], param_norm=[1.0] * 3,
+                  update_ratio=[0.1] * 3),
+           record("health", step=0, layer=names[0], flag="exploding", value=0.95, message="m")]
+    root = tmp_path / "runs"
+    _write(root / "a$b^{", log)
+    _write(root / "c", log)
+    result = build_report(root)
+    html = result.html.read_text()
+    assert "a$b^{" in html and html_escape(names[0]) in html
+    for p in result.images:
+        _check_png(p.read_bytes())
+
+
+def html_escape(s: str) -> str:
+    import html as h
+    return h.escape(s, quote=True)
+
+
+_XSS = '"><script>alert(1)</script><img src=x onerror=alert(2)>'
+
+
+def test_a_crafted_log_cannot_inject_markup(tmp_path):
+    """Every string of the log reaches the page escaped; numeric fields carrying markup are refused outright."""
+    log = [{**_meta(), "gradguard": _XSS},
+           record("step", step=0, loss=1.0, norm=math.inf and "inf", norm_after=1.0, threshold=1.0, coef=1.0,
+                  clipped=False, skipped=True, reason=_XSS, steps_seen=1, clipped_count=0, skipped_count=1),
+           record("layers", step=0, names=[_XSS, "b"], grad_norm=[1.0, 2.0], param_norm=None, update_ratio=None),
+           record("health", step=0, layer=_XSS, flag="exploding", value=0.99, message=_XSS),
+           record("event", step=0, skipped=True, reason=_XSS, diagnosis={"x": _XSS}, text=_XSS)]
+    run_dir = _write(tmp_path / _XSS.replace("/", "_"), log)
+    result = build_report(run_dir, tmp_path / "out.html", title=_XSS)
+    page = result.html.read_text()
+    assert "<script" not in page and "onerror=alert" not in page.replace("onerror=alert(2)&gt;", "")
+    assert page.count("<img ") == len(result.images) and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:;' in page
+    # the numeric fields the old report printed raw: a string there is a ReportError, nothing is written
+    for kind, key in (("step", "steps_seen"), ("end", "skipped_count"), ("health", "step"), ("event", "step")):
+        bad = [dict(r) for r in log] + [record("end", steps_seen=1, clipped_count=0, skipped_count=1)]
+        target = next(r for r in bad if r["type"] == kind)
+        target[key] = _XSS
+        d = _write(tmp_path / f"bad_{kind}", bad)
+        with pytest.raises(ReportError, match=rf"field '{key}'"):
+            build_report(d)
+        assert [p.name for p in d.iterdir()] == [JSONL_NAME]
+
+
+# ---------------------------------------------------------------------------------------- fuzz: loader + renderer
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-(2**60), 2**60), st.floats(),
+                    st.sampled_from(["nan", "inf", "-inf", "", "$", r"lr$\alpha{$", "<b>", "nonfinite"]),
+                    st.lists(st.one_of(st.floats(), st.sampled_from(["nan", "inf"])), max_size=4))
+
+
+@st.composite
+def _fuzzed_log(draw) -> str:
+    names = draw(st.lists(st.sampled_from(["w", "b", r"$\x", "a{", "<i>"]), min_size=1, max_size=3))
+    log = [_meta()]
+    for i in range(draw(st.integers(1, 6))):
+        log.append(record("step", step=draw(st.integers(-5, 10**12)), time=float(i), loss=1.0, norm=2.0,
+                          norm_after=1.0, threshold=1.0, coef=0.5, clipped=True, skipped=False, steps_seen=i + 1,
+                          clipped_count=i + 1, skipped_count=0))
+        if draw(st.booleans()):
+            log.append(record("layers", step=i, names=names, grad_norm=[1.0] * len(names), param_norm=None,
+                              update_ratio=[0.1] * len(names)))
+    log += [record("health", step=0, layer=names[0], flag="vanishing", value=1e-9, message="m"),
+            record("event", step=0, skipped=True, reason="r", diagnosis=None, text="t"),
+            record("end", steps_seen=9, clipped_count=3, skipped_count=1)]
+    for _ in range(draw(st.integers(0, 4))):  # overwrite fields with arbitrary JSON values
+        rec = log[draw(st.integers(0, len(log) - 1))]
+        rec[draw(st.sampled_from(sorted(rec)))] = draw(_VALUES)
+    return "".join(json.dumps(r) + "\n" for r in log)  # json.dumps may write NaN/Infinity: the loader refuses them
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_fuzzed_log())
+def test_fuzz_only_report_error_escapes_and_every_loaded_log_renders(tmp_path_factory, text):
+    d = tmp_path_factory.mktemp("fz") / "run"
+    d.mkdir()
+    (d / JSONL_NAME).write_text(text)
+    try:
+        run = load_run(d)
+    except ReportError:
+        return
+    doc, images = render([run], "fuzz")  # accepted by the loader: must draw, with no error of any kind
+    assert doc.count("<img ") == len(images) and "<script" not in doc
+
+
+def test_image_folder_named_after_the_report_and_embedded_only_mode(tmp_path):
+    meta = _meta()
+    resumed = {**meta, "resumed": True}
+    steps = _steps_log([1.0, 2.0, 3.0], [False, True, True])[1:]
+    run_dir = _write(tmp_path / "r", [meta, steps[0], steps[1], resumed, steps[1], steps[2]])
+    out = tmp_path / "site" / "weekly.html"
+    first = build_report(run_dir, out)
+    assert sorted(p.relative_to(out.parent).as_posix() for p in first.images) == ["weekly_files/training.png"]
+    (out.parent / "weekly_files" / "old-layers.png").write_bytes(b"stale")  # left by an earlier report
+    (out.parent / "notes.png").write_bytes(b"mine")  # not the report's: kept
+    build_report(run_dir, out)
+    assert sorted(p.name for p in (out.parent / "weekly_files").iterdir()) == ["training.png"]
+    assert (out.parent / "notes.png").read_bytes() == b"mine"
+    html = out.read_text()
+    assert "resumed (line 4" in html and 'data-file="weekly_files/training.png"' in html
+    only = build_report(run_dir, tmp_path / "mail" / "one.html", write_images=False)
+    assert only.images == () and [p.name for p in (tmp_path / "mail").iterdir()] == ["one.html"]
+    assert len(_images(only.html.read_text())) == 1
+    with pytest.raises(TypeError, match="write_images must be True or False"):
+        build_report(run_dir, tmp_path / "x.html", write_images="no")
+
+
+def test_every_bad_step_appears_even_beyond_the_listed_ones(tmp_path):
+    from gradguard.report import _events_html
+
+    norms = [1.0] * 100
+    for i in [*range(10, 40), 50, 52, 53, 99]:
+        norms[i] = math.nan
+    run = load_run(_write(tmp_path / "r", _steps_log(norms, [False] * 100)))
+    events = _events_html(run, limit=5)
+    assert events.count("<p class=bad>step ") == 5  # 10..14 in full
+    assert "<p class=bad>and 29 more at step(s) 15\u201339, 50, 52\u201353, 99</p>" in events
+    assert "<p class=bad>34 skipped or non-finite step(s)" in events

@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     report = sub.add_parser(
         "report", help="build a self-contained HTML report (with PNG plots) from a run recorded by gg.Monitor",
         description="Read RUN_DIR/metrics.jsonl (or RUN_DIR/*/metrics.jsonl for several runs) and write an HTML "
-        "report with embedded plots; the same PNGs are written beside it.",
+        "report with embedded plots; the same PNGs are written into OUT_files/ beside it.",
     )
     report.add_argument("run_dir", metavar="RUN_DIR", help="the log_dir given to gg.Monitor")
     report.add_argument("-o", "--output", default=None, metavar="OUT.html",
@@ -102,7 +102,7 @@ def _report(args: argparse.Namespace) -> int:
         for w in run.warnings:
             print(f"gradguard report: warning: {w}", file=sys.stderr)
     print(f"report: {result.html}")
-    print(f"plots:  {len(result.images)} PNGs beside it ({result.html.parent})")
+    print(f"plots:  {len(result.images)} PNGs in {result.html.with_name(result.html.stem + '_files')}")
     return EXIT_OK
 
 

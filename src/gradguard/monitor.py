@@ -39,7 +39,6 @@ Sinks (``sinks=``):
 from __future__ import annotations
 
 import atexit
-import datetime
 import json
 import logging
 import math
@@ -57,44 +56,15 @@ from gradguard import norms
 from gradguard.clippers.base import ClipStats
 from gradguard.clippers.state import check_int, check_number
 from gradguard.health import HealthFlag, LayerHealth
+from gradguard.runlog import JSONL_NAME, decode_number, encode_number, end_record, meta_record
 
 __all__ = ["SINKS", "Monitor", "decode_number", "encode_number"]
 
 SINKS = ("jsonl", "tensorboard", "logging", "wandb")
 """The sink names :class:`Monitor` accepts."""
 
-SCHEMA = 1
-JSONL_NAME = "metrics.jsonl"
 _LOG = logging.getLogger("gradguard.monitor")
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
-
-
-def encode_number(x: float | None) -> float | str | None:
-    """A float as strict JSON: non-finite values become ``"nan"``, ``"inf"``, ``"-inf"``.
-
-    >>> encode_number(1.5), encode_number(float("-inf")), encode_number(None)
-    (1.5, '-inf', None)
-    """
-    if x is None or math.isfinite(x):
-        return x
-    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
-
-
-def decode_number(x: Any) -> float | None:
-    """Inverse of :func:`encode_number` (``None`` stays ``None``).
-
-    >>> decode_number("inf"), decode_number(2), decode_number(None)
-    (inf, 2.0, None)
-    """
-    if x is None:
-        return None
-    if isinstance(x, str):
-        if x not in ("nan", "inf", "-inf"):
-            raise ValueError(f"expected a number or 'nan'/'inf'/'-inf', got {x!r}")
-        return float(x)
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        raise ValueError(f"expected a number, got {x!r}")
-    return float(x)
 
 
 def _close_all() -> None:  # atexit: an exception that ends the program still leaves complete files
@@ -393,11 +363,8 @@ class Monitor:
         self._prev_params: tuple[int, dict[str, Tensor]] | None = None
         self._last_write = time.monotonic()
         self._closed = False
-        meta = {
-            "type": "meta", "schema": SCHEMA, "gradguard": _version(), "torch": torch.__version__,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "every": self.every, "per_layer_every": self.per_layer_every, "sinks": list(self.sinks),
-        }
+        meta = meta_record(torch=torch.__version__, every=self.every, per_layer_every=self.per_layer_every,
+                           sinks=self.sinks)
         self._sinks: list[_Sink] = []
         try:
             for name in self.sinks:
@@ -634,8 +601,7 @@ class Monitor:
             self.flush()
             if self._clipped is not None:
                 self._clipped_host = int(self._clipped.item())
-            end = {"type": "end", "steps_seen": self._steps_seen, "clipped_count": self._clipped_host,
-                   "skipped_count": self._skipped_count}
+            end = end_record(self._steps_seen, self._clipped_host, self._skipped_count)
             for sink in self._sinks:
                 sink.write([end])
         finally:
@@ -674,8 +640,3 @@ def _jsonable(x: Any) -> Any:
         return x
     return str(x)
 
-
-def _version() -> str:
-    from gradguard import __version__
-
-    return __version__
