@@ -33,7 +33,7 @@ from gradguard.demo import (
     run_demo,
 )
 from gradguard.monitor import encode_number
-from gradguard.report import load_run
+from gradguard.runlog import load_run
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from torch import nn
 
 import gradguard as gg
 from gradguard.monitor import decode_number
-from gradguard.report import load_run
+from gradguard.runlog import load_run
 
 STEP_KEYS = {"type", "step", "time", "loss", "norm", "norm_after", "threshold", "coef", "clipped", "skipped",
              "reason", "lr", "steps_seen", "clipped_count", "skipped_count"}

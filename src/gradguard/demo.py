@@ -25,7 +25,7 @@ one input feature is NaN. The four ways:
 
 A run whose weights have gone NaN is stopped ``STOP_AFTER`` steps later (they stay NaN; nothing more to see).
 Each run is recorded by a :class:`~gradguard.Monitor` (JSONL + TensorBoard) into ``OUT/<model>-<strategy>/``;
-``OUT/report.html`` (with its PNGs beside it) compares them. Deterministic for a seed.
+``OUT/report.html`` (its PNGs in `OUT/report_files/`) compares them. Deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from gradguard.clippers import AutoClip, ClipStats, NormClip
 from gradguard.clippers.base import Clipper
 from gradguard.guard import Guard
 from gradguard.monitor import Monitor, encode_number
-from gradguard.report import load_run, summarize
+from gradguard.report import summarize
+from gradguard.runlog import load_run
 
 __all__ = ["LEGEND", "STRATEGIES", "TASKS", "YOUR_LOOP", "RunSummary", "format_table", "run_demo"]
 
@@ -313,7 +314,7 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
 
             result = build_report(root, root / "report.html", title="gradguard demo: exploding gradients, "
                                   "clipping and the Guard")
-            echo(f"report: {result.html}  ({len(result.images)} PNGs beside it)")
+            echo(f"report: {result.html}  ({len(result.images)} PNGs in {result.html.stem}_files/)")
         except ImportError as e:
             echo(f"no HTML report: {e}")
     echo("")
