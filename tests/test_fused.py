@@ -6,8 +6,12 @@ when the norm is finite), torch.amp.GradScaler's own step, and a TorchDispatchMo
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -465,3 +469,16 @@ def test_a_scaler_is_not_unscaled_when_the_call_is_refused():
     fused_clip_step(opt, 1e9, params, scaler=scaler)  # unscale_ was not recorded: this call may still do it
     scaler.update()
     assert float(opt.state[params[0]]["step"]) == 1.0
+
+
+DOC_BLOCKS = re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "docs" / "fused.md").read_text(),
+                        flags=re.S)
+
+
+@pytest.mark.parametrize("code", DOC_BLOCKS, ids=[f"fused.md-{i}" for i in range(len(DOC_BLOCKS))])
+def test_doc_example_runs_and_prints_what_it_says(code):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "docs/fused.md", "exec"), {"__name__": "__doc_example__"})
+    expected = [m.strip() for m in re.findall(r"print\(.*\)\s+#\s*(.+)", code)]
+    assert expected and out.getvalue().split("\n")[: len(expected)] == expected
