@@ -30,10 +30,11 @@ Other optimizers (no ``fused=True``): the documented fallback. The clipper write
 *masked*: parameters and optimizer state are copied (one preallocated foreach copy), the optimizer steps, and every
 parameter and state tensor is set to ``torch.where(finite, new, old)``. Bit-exact with clip-then-step-or-skip, no
 host read; cost: one copy of parameters + state before the step and one masked select after (for Adam about 3x
-the parameter bytes written twice), comparable to the step itself. A parameter's *first* step (its optimizer state
-is created lazily by that step and cannot be un-created on the device) reads the finite flag on the host once;
-so does the first step of a fused SGD with momentum (torch's fused SGD allocates its momentum buffers with
-``empty_like`` and a skipped first step would leave them uninitialised). After that, no host read.
+the parameter bytes written twice), comparable to the step itself. A step that *creates* optimizer state (a
+parameter's first step) reads the finite flag on the host once, after the step, and drops that new state if the
+step was not finite (state cannot be un-created on the device); so does the first step of a fused SGD with momentum,
+before it (torch's fused SGD allocates its momentum buffers with ``empty_like`` and a skipped first step would leave
+them uninitialised). After that, no host read.
 
 GradScaler: pass it as ``scaler``; :func:`fused_clip_step` calls ``scaler.unscale_(optimizer)`` once (clippers must
 see true gradients), folds the clip, and skips where the gradients or the norm are not finite (every step the
@@ -207,7 +208,7 @@ def fused_clip_step(
         coef = None
     finite = stats.finite
     if fused:
-        _fused_step(optimizer, params, finite, coef)
+        _fused_step(optimizer, finite, coef)
     else:
         _masked_step(optimizer, params, finite)
     return stats
@@ -222,23 +223,19 @@ def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     scaler.unscale_(optimizer)
 
 
-def _first_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> bool:
-    """Whether this step creates optimizer state that a skipped step could not leave absent on the device."""
-    if supports_fused_step(optimizer):
-        # fused Adam/AdamW create zeros and step 0 (what a fresh start uses), Adagrad creates its state eagerly;
-        # fused SGD allocates momentum buffers with empty_like and a skipped first step leaves them uninitialised
-        return isinstance(optimizer, torch.optim.SGD) and any(
-            g["momentum"] != 0 and any(p.grad is not None and optimizer.state.get(p, {}).get("momentum_buffer")
-                                       is None for p in g["params"])
-            for g in optimizer.param_groups
-        )
-    return any(not optimizer.state.get(p) for p in params)
+def _first_step(optimizer: torch.optim.Optimizer) -> bool:
+    """A fused SGD with momentum about to create its momentum buffers: torch allocates them with ``empty_like``, so
+    a kernel-skipped first step would leave them uninitialised. (Fused Adam/AdamW create zero moments and step 0,
+    which is what a fresh start uses; Adagrad creates its state in the constructor.)"""
+    return isinstance(optimizer, torch.optim.SGD) and any(
+        g["momentum"] != 0
+        and any(p.grad is not None and optimizer.state.get(p, {}).get("momentum_buffer") is None for p in g["params"])
+        for g in optimizer.param_groups
+    )
 
 
-def _fused_step(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], finite: Tensor, coef: Tensor | None
-) -> None:
-    if _first_step(optimizer, params):
+def _fused_step(optimizer: torch.optim.Optimizer, finite: Tensor, coef: Tensor | None) -> None:
+    if _first_step(optimizer):
         if bool(finite):  # once per run: lazily created state cannot be un-created on the device
             _kernel_step(optimizer, finite, coef)
         return
@@ -258,17 +255,22 @@ def _kernel_step(optimizer: torch.optim.Optimizer, finite: Tensor, coef: Tensor 
 
 
 def _masked_step(optimizer: torch.optim.Optimizer, params: list[Tensor], finite: Tensor) -> None:
-    """Step, then ``x <- where(finite, x_new, x_old)`` for every parameter and state tensor: exact, no host read."""
-    if _first_step(optimizer, params):
-        if bool(finite):  # once per parameter: its state is created by this step
-            optimizer.step()
-        return
+    """Step, then ``x <- where(finite, x_new, x_old)`` for every parameter and state tensor: exact, no host read.
+
+    State that this step creates (a parameter's first step) cannot be un-created on the device: only then is the
+    flag read on the host, and on a non-finite step that new state is dropped, as if the step had not run.
+    """
+    absent = [p for p in params if not optimizer.state.get(p)]
     backup = _backups.get(optimizer)
     if backup is None:
         backup = _backups[optimizer] = _StepBackup()
     backup.capture(params, optimizer)
     optimizer.step()
     _masked_restore(backup, optimizer, finite)
+    created = [p for p in absent if optimizer.state.get(p)]
+    if created and not bool(finite):  # once per parameter, on its first step
+        for p in created:
+            del optimizer.state[p]
 
 
 def _masked_restore(backup: _StepBackup, optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
@@ -285,6 +287,8 @@ def _masked_restore(backup: _StepBackup, optimizer: torch.optim.Optimizer, finit
         src.copy_(select(src, old))
     i = n
     for p, keys in backup.layout:
+        if not keys:
+            continue
         st: dict[str, Any] = optimizer.state[p]
         for k in keys:
             cur, old = st[k], backup.copies[i]
