@@ -256,6 +256,34 @@ def test_one_hundred_fused_steps_read_nothing_on_the_host(clipper, monkeypatch):
     assert float(opt.state[params[0]]["step"]) == 100 - sum(1 for s in range(100) if s % 17 == 5)
 
 
+def test_fused_steps_with_a_grad_scaler_read_nothing_on_the_host(monkeypatch):
+    """unscale_, clip, step-or-skip and scaler.update(): 40 steps, overflow steps included, no host read."""
+    params, opt, scaler = _scaled_setup(2.0**8)
+    clip = gg.ZClip(warmup_steps=4)
+    batches = [grads_for(s, bad=math.inf if s % 9 == 4 else None) for s in range(40)]
+    calls = _count_host_reads(monkeypatch)
+    with _OpLog() as log:
+        for gs in batches:
+            scale = scaler.scale(torch.ones(()))  # the scaled loss: its value is the scale, on the device
+            for p, g in zip(params, gs):
+                p.grad = g * scale
+            fused_clip_step(opt, clip, params, scaler=scaler)
+            scaler.update()
+    monkeypatch.undo()
+    assert "_local_scalar_dense" not in log.ops
+    assert calls == []
+    assert float(opt.state[params[0]]["step"]) == 40 - 4
+    expected, good = 2.0**8, 0  # backoff 0.5 on an overflow, growth 2 after 2 good steps in a row
+    for s in range(40):
+        if s % 9 == 4:
+            expected, good = expected * 0.5, 0
+        else:
+            good += 1
+            if good == 2:
+                expected, good = expected * 2.0, 0
+    assert scaler.get_scale() == expected
+
+
 class _GradTouches(TorchDispatchMode):
     """Records every op that receives one of ``tensors`` (by storage), in order."""
 
