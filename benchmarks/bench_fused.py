@@ -17,6 +17,7 @@ restored, untimed, before every call; the optimizer state just keeps stepping, w
 the kernel's write-back, ``(step, grad_scale=1 - step) / read floor``. Medians over rounds.
 
     python benchmarks/bench_fused.py                     # ResNet-50 parameters (25.6M), 15 rounds
+    python benchmarks/bench_fused.py --case block --threads 1 --rounds 41   # steadier on a shared machine
     python benchmarks/bench_fused.py --case gpt2 --rounds 9
 """
 
@@ -54,11 +55,16 @@ def measure(contenders: dict[str, Callable[[], object]], restore: Callable[[], N
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--case", choices=("resnet50", "gpt2"), default="resnet50")
+    ap.add_argument("--case", choices=("block", "resnet50", "gpt2"), default="resnet50",
+                    help="block: one GPT-2 small transformer block (7.1M); resnet50 (25.6M); gpt2: GPT-2 small (124M)")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = ap.parse_args(argv)
-    shapes = (
-        [tuple(p.shape) for p in resnet50().parameters()] if args.case == "resnet50" else gpt2_small_shapes()
-    )
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.case == "resnet50":
+        shapes = [tuple(p.shape) for p in resnet50().parameters()]
+    else:
+        shapes = gpt2_small_shapes()[2:14] if args.case == "block" else gpt2_small_shapes()
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
     originals = [torch.randn(s, generator=gen) for s in shapes]
