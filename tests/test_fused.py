@@ -435,6 +435,50 @@ def test_an_already_unscaled_optimizer_is_not_unscaled_twice():
     scaler.update()
 
 
+@pytest.mark.parametrize("form", ["module", "parameters()", "named_parameters()"])
+def test_parameters_may_be_a_module_or_a_generator(form):
+    """A generator is consumed once by the checks; the clipper must still see every parameter, and the factor is
+    still folded (nothing writes the gradients before the kernel)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    ref = copy.deepcopy(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=0.1, fused=True)
+    x = torch.randn(16, 5)
+    for m in (model, ref):
+        m(x).pow(2).sum().mul(50).backward()
+    arg = {"module": model, "parameters()": model.parameters(), "named_parameters()": model.named_parameters()}
+    with _GradTouches([p.grad for p in model.parameters()]) as log:
+        stats = fused_clip_step(opt, gg.NormClip(0.5), arg[form])
+    ref_stats = reference_step(opt_r, list(ref.parameters()), gg.NormClip(0.5))
+    assert torch.equal(stats.norm, ref_stats.norm) and bool(stats.clipped)
+    assert not [op for op in log.ops[:-1] if op.endswith("_")] and log.ops[-1] == "_fused_adamw_"
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert ulp_distance(a.grad, b.grad) <= 1
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_fallback_with_a_grad_scaler_skips_overflows_exactly():
+    ours_p, ours = make("RMSprop", {"momentum": 0.5}, fused=False)
+    ref_p, ref = make("RMSprop", {"momentum": 0.5}, fused=False)
+    ours_s = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=3)
+    ref_s = torch.amp.GradScaler("cpu", init_scale=2.0**6, growth_interval=3)
+    for step, bad in enumerate([None, None, math.inf, None, None, None, math.nan, None]):
+        gs = grads_for(step, scale=3.0, bad=bad)
+        scale = float(ours_s.scale(torch.ones(())))
+        assert scale == float(ref_s.scale(torch.ones(())))
+        set_grads(ours_p, [g * scale for g in gs])
+        set_grads(ref_p, [g * scale for g in gs])
+        fused_clip_step(ours, gg.NormClip(1.0), ours_p, scaler=ours_s)
+        ours_s.update()
+        ref_s.unscale_(ref)
+        gg.NormClip(1.0)(ref_p)
+        ref_s.step(ref)
+        ref_s.update()
+        assert_same(ours_p, ours, ref_p, ref)
+    assert ours_s.get_scale() == ref_s.get_scale()
+
+
 def _snapshot(params, opt):
     return [p.detach().clone() for p in params], [p.grad.clone() for p in params], copy.deepcopy(opt.state_dict())
 

@@ -49,11 +49,11 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradguard.clippers.adagc import AdaGC
 from gradguard.clippers.agc import AGC
@@ -182,6 +182,8 @@ def fused_clip_step(
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     resolve_parameters(params)  # the optimizer's gradients: dense floating point (TypeError naming the parameter)
     if parameters is not None:
+        if not isinstance(parameters, (nn.Module, Tensor, Mapping)) and isinstance(parameters, Iterable):
+            parameters = list(parameters)  # a generator (model.parameters()) is read twice: checked, then clipped
         resolve_parameters(parameters)
     fused = supports_fused_step(optimizer)
     if not fused:
