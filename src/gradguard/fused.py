@@ -11,8 +11,9 @@ and state as they were (the step counter included: torch subtracts ``found_inf``
     c = \text{clipper's coefficient, e.g. } \min\Big(1, \frac{\tau}{\|g\|_p + 10^{-6}}\Big), \qquad
     \texttt{grad\_scale} = 1 / c, \qquad \texttt{found\_inf} = [\,\|g\|_p \text{ is not finite}\,]
 
-and calls ``optimizer.step()``: clipping costs one read pass (the norm, which is also the finite flag), no write
-pass, and a non-finite step is skipped inside the kernel, with no host read.
+and calls ``optimizer.step()``: clipping costs one read pass (the norm, which is also the finite flag) and no write
+pass of its own (given ``grad_scale``, torch's kernel stores the unscaled gradient back to ``.grad`` inside the step),
+and a non-finite step is skipped inside the kernel, with no host read.
 
 Exactness. The kernel divides by ``1/c`` where clip-then-step multiplies by ``c``: the gradient the update uses is
 ``fl(g / fl(1/c))`` instead of ``fl(g * c)``, within 1 ulp of it (and equal when ``c`` is 1 or a power of two). That
@@ -29,7 +30,8 @@ writes the gradients as usual (bit-exact clip-then-step) and only the finite fla
 Other optimizers (no ``fused=True``): the documented fallback. The clipper writes the gradients, then the step is
 *masked*: parameters and optimizer state are copied (one preallocated foreach copy), the optimizer steps, and every
 parameter and state tensor is set to ``torch.where(finite, new, old)``. Bit-exact with clip-then-step-or-skip, no
-host read; cost: one copy of parameters + state before the step and one masked select after (for Adam about 3x
+host read on accelerators (on CPU the clipper's write reads its coefficient to skip a no-op pass, which costs no
+synchronisation there); cost: one copy of parameters + state before the step and one masked select after (for Adam about 3x
 the parameter bytes written twice), comparable to the step itself. A step that *creates* optimizer state (a
 parameter's first step) reads the finite flag on the host once, after the step, and drops that new state if the
 step was not finite (state cannot be un-created on the device); so does the first step of a fused SGD with momentum,
@@ -40,6 +42,10 @@ GradScaler: pass it as ``scaler``; :func:`fused_clip_step` calls ``scaler.unscal
 see true gradients), folds the clip, and skips where the gradients or the norm are not finite (every step the
 scaler would skip, plus a norm that overflows). Do not call ``scaler.step``; call ``scaler.update()`` afterwards as
 usual: it reads the overflow flag ``unscale_`` recorded and backs the scale off exactly as after ``scaler.step``.
+
+Distributed: the skip decision is ``isfinite`` of the clipper's norm, so it agrees on every rank wherever that norm
+is global: DDP (replicated gradients), DTensor gradients (FSDP2, tensor parallel: the engine reduces the norm), and
+clippers given ``set_process_group`` for disjoint gradients.
 
 OLMo-core's skip-step optimizers take the same decision on the device (update times a 0/1 factor); here it is the
 kernel's own ``found_inf`` for fused optimizers and a masked update otherwise.
