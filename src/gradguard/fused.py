@@ -31,9 +31,9 @@ Other optimizers (no ``fused=True``): the documented fallback. The clipper write
 *masked*: parameters and optimizer state are copied (one preallocated foreach copy), the optimizer steps, and every
 parameter and state tensor is set to ``torch.where(finite, new, old)``. Bit-exact with clip-then-step-or-skip, no
 host read on accelerators (on CPU the clipper's write reads its coefficient to skip a no-op pass, which costs no
-synchronisation there); cost: one copy of parameters + state before the step and one masked select after (for Adam about 3x
-the parameter bytes written twice), comparable to the step itself. A step that *creates* optimizer state (a
-parameter's first step) reads the finite flag on the host once, after the step, and drops that new state if the
+synchronisation there). Cost: one copy of parameters + state before the step and one masked select after (for Adam
+about 3x the parameter bytes, written twice), comparable to the step itself. A step that *creates* optimizer state
+(a parameter's first step) reads the finite flag on the host once, after the step, and drops that new state if the
 step was not finite (state cannot be un-created on the device); so does the first step of a fused SGD with momentum,
 before it (torch's fused SGD allocates its momentum buffers with ``empty_like`` and a skipped first step would leave
 them uninitialised). After that, no host read.
