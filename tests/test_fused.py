@@ -556,3 +556,20 @@ def test_doc_example_runs_and_prints_what_it_says(code):
         exec(compile(code, "docs/fused.md", "exec"), {"__name__": "__doc_example__"})
     expected = [m.strip() for m in re.findall(r"print\(.*\)\s+#\s*(.+)", code)]
     assert expected and out.getvalue().split("\n")[: len(expected)] == expected
+
+
+def test_deferred_scale_records_one_global_factor_and_writes_per_tensor_ones():
+    """The hook in scaling.scale_: inside deferred_scale a 0-d factor is recorded (no write), a per-tensor factor is
+    written as usual; outside (also after an exception) scale_ writes again."""
+    from gradguard.scaling import deferred_scale, scale_
+
+    a, b = torch.tensor([3.0, 4.0]), torch.tensor([1.0])
+    with deferred_scale() as pending:
+        scale_([a, b], torch.tensor(0.5))
+        scale_([a, b], torch.tensor([0.5, 2.0]))
+    assert len(pending) == 1 and pending[0][0] == [a, b] and float(pending[0][1]) == 0.5
+    assert a.tolist() == [1.5, 2.0] and b.tolist() == [2.0]
+    with pytest.raises(RuntimeError), deferred_scale():
+        raise RuntimeError("boom")
+    scale_([a], torch.tensor(2.0))
+    assert a.tolist() == [3.0, 4.0]
