@@ -16,7 +16,9 @@ host-device synchronisation is introduced.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
@@ -24,7 +26,7 @@ from torch import Tensor
 from gradguard.distributed import dtensor_type
 from gradguard.norms import group_by_device_and_dtype, use_foreach
 
-__all__ = ["EPS", "clip_coefficient", "scale_", "scale_units_"]
+__all__ = ["EPS", "clip_coefficient", "deferred_scale", "scale_", "scale_units_"]
 
 EPS = 1e-6
 """Added to the norm before dividing, as in torch (``max_norm / (total_norm + 1e-6)``)."""
@@ -34,6 +36,24 @@ def clip_coefficient(max_norm: float | Tensor, norm: Tensor) -> Tensor:
     """``min(max_norm / (norm + 1e-6), 1)``, and 1 where ``norm`` is not finite. Element-wise; no host read."""
     coef = torch.clamp(max_norm / (norm + EPS), max=1.0)
     return torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+
+
+_DEFERRED: ContextVar[list[tuple[Sequence[Tensor], Tensor]] | None] = ContextVar("gradguard_deferred", default=None)
+
+
+@contextmanager
+def deferred_scale() -> Iterator[list[tuple[Sequence[Tensor], Tensor]]]:
+    """Inside, :func:`scale_` with one global factor (a 0-d ``coef``) records ``(tensors, coef)`` instead of writing.
+
+    The caller owns the write: :mod:`gradguard.fused` folds the factor into a fused optimizer's ``grad_scale``.
+    Only valid around a clipper whose global scaling is its last access to the gradients.
+    """
+    sink: list[tuple[Sequence[Tensor], Tensor]] = []
+    token = _DEFERRED.set(sink)
+    try:
+        yield sink
+    finally:
+        _DEFERRED.reset(token)
 
 
 def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
@@ -56,6 +76,10 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
     parallel) are scaled through their local shards, in place.
     """
     if not tensors:
+        return
+    sink = _DEFERRED.get()
+    if sink is not None and coef.dim() == 0:
+        sink.append((tensors, coef))
         return
     tensors = _locals(tensors)
     per_tensor = coef.dim() == 1
