@@ -160,11 +160,11 @@ def test_policies_raise_warn_and_max_consecutive_skips():
     for _ in range(2):
         opt.zero_grad()
         _backward(model, nan=True)
-        with pytest.warns(UserWarning, match="skipped step"):
+        with pytest.warns(RuntimeWarning, match="skipped step"):
             opt.step()
     opt.zero_grad()
     _backward(model, nan=True)
-    with pytest.raises(gg.TrainingDivergedError, match="3 non-finite steps in a row"):
+    with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     handle.remove()
@@ -227,4 +227,9 @@ def test_gate_counters_round_trip():
     assert w.grad is None and gate.skipped_steps == 1
     other = StepGate(gg.NormClip(1.0))
     other.load_state_dict(gate.state_dict())
-    assert other.state_dict() == {"steps": 1, "skipped_steps": 1, "consecutive_skips": 1}
+    assert other.state_dict() == gate.state_dict() == {
+        "policy": {"steps": 1, "good_steps": 0, "skipped_steps": 1, "consecutive_skips": 1,
+                   "skipped_by_reason": {"nonfinite_loss": 0, "nonfinite_grad": 1, "nonfinite_params": 0,
+                                         "loss_spike": 0, "grad_norm_spike": 0}},
+        "clipper": {},
+    }

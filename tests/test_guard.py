@@ -226,7 +226,7 @@ def test_raise_and_warn_policies_and_the_consecutive_skip_limit():
             guard.step(lambda: loss_fn(model, x, y))
     assert err.value.diagnosis.stage == "forward" and params_finite(model)
     model.fault = None
-    guard.consecutive_skips = 0
+    guard.policy.consecutive_skips = 0
     assert not guard.step(lambda: loss_fn(model, x, y)).skipped
 
 
@@ -266,8 +266,8 @@ def test_skipped_step_leaves_optimizer_scheduler_and_ema_untouched():
     assert guard.step(lambda: loss_fn(model, x, y)).skipped
     for before, now in zip(snap, (model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict())):
         assert state_equal(now, before)
-    for k, v in guard.clipper.state_dict().items():  # a non-finite norm never enters the clipper's history
-        assert state_equal(v, clip_state[k]) if k != "calls" else v == clip_state[k] + 1
+    # a step that is not applied commits nothing to the clipper (its call counter included)
+    assert state_equal(guard.clipper.state_dict(), clip_state)
 
 
 def test_loss_spike_is_skipped():

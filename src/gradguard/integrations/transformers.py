@@ -41,7 +41,7 @@ from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
-from gradguard.integrations._common import clip_target
+from gradguard.integrations._common import GateCallback, clip_target
 
 __all__ = ["GradGuardCallback"]
 
@@ -51,7 +51,7 @@ else:
     _Base = require("transformers", "transformers", "gradguard.integrations.transformers").TrainerCallback
 
 
-class GradGuardCallback(_Base):
+class GradGuardCallback(GateCallback, _Base):
     """Clip with a gradguard strategy and skip non-finite steps in the Hugging Face ``Trainer``.
 
     Args:
@@ -61,8 +61,12 @@ class GradGuardCallback(_Base):
             (:class:`gradguard.NonFiniteError`, before the weights change).
         monitor: a :class:`gradguard.Monitor`, recorded after every optimizer step.
         max_consecutive_skips: more skipped steps in a row than this raise :class:`gradguard.TrainingDivergedError`.
-        process_group: a group whose ranks hold disjoint gradients (pipeline stages), set on the clipper.
+        process_group: the group whose ranks hold disjoint gradients (pipeline stages, experts): norms are reduced
+            over it (set on the clipper); the skip decision is always agreed over the whole world.
         prefix: the prefix of the keys added to the Trainer's logs.
+        verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
+
+    The clipper's state and the skip counters are :meth:`state_dict` / :meth:`load_state_dict`.
 
     Example:
         >>> import gradguard as gg
@@ -80,19 +84,15 @@ class GradGuardCallback(_Base):
         max_consecutive_skips: int | None = 10,
         process_group: dist.ProcessGroup | None = None,
         prefix: str = "gradguard/",
+        verbose: bool = True,
     ) -> None:
         check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
         self.monitor = monitor
         self.prefix = prefix
         self._reset_window()
-
-    @property
-    def clipper(self) -> Clipper | None:
-        """The clipping strategy (``None``: check only)."""
-        return self.gate.clipper
 
     def _reset_window(self) -> None:
         self._n = 0
@@ -148,15 +148,7 @@ class GradGuardCallback(_Base):
         **kwargs: Any,
     ) -> None:
         """Record the step in the monitor (after the update, gradients still set)."""
-        if self.monitor is None:
-            return
-        lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
-        self.monitor.record(
-            self.gate.last_stats, skipped=self.gate.last_skipped,
-            reason="nonfinite_grad" if self.gate.last_skipped else None,
-            lr=lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None,
-            model=model, step=int(state.global_step),
-        )
+        self._record(optimizer, model)
 
     def summary(self) -> dict[str, float]:
         """The statistics since the last log, read on the host (one synchronisation)."""
@@ -184,14 +176,3 @@ class GradGuardCallback(_Base):
         if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
             history[-1].update(values)
         self._reset_window()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The clipper's state and the skip counters."""
-        clipper = self.gate.clipper
-        return {"gate": self.gate.state_dict(), "clipper": clipper.state_dict() if clipper is not None else {}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.gate.load_state_dict(state_dict["gate"])
-        if self.gate.clipper is not None:
-            self.gate.clipper.load_state_dict(state_dict["clipper"])
