@@ -748,7 +748,7 @@ def test_replay_uses_the_step_rng_and_leaves_the_stream_as_without_replay():
         return report, guard.diagnosis, torch.rand(4)
 
     (r1, d1, after1), (r2, d2, after2) = run(True), run(False)
-    assert r1.skipped and r2.skipped and d1.located and d1.stage == "input"
+    assert r1.skipped and r2.skipped and d1.located and d1.stage == "input" and not d2.located
     assert torch.equal(after1, after2)  # the replay restored the RNG: later random numbers are unchanged
 
 
