@@ -166,3 +166,48 @@ def test_bad_arguments():
         GradGuardCallback(torch.nn.utils.clip_grad_norm_)
     with pytest.raises(TypeError, match="monitor"):
         GradGuardCallback(monitor=object())
+
+
+class StepRecorder:
+    """A monitor that keeps what the callback hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def record(self, stats, **fields):
+        self.calls.append(fields)
+
+
+def test_no_gradguard_warnings_without_a_logger_and_one_based_monitor_steps(tmp_path, recwarn, caplog):
+    model, monitor = TinyRegressor(), StepRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), monitor=monitor)
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
+    )
+    with caplog.at_level("WARNING", logger="gradguard"):
+        trainer.fit(model, loader(nan_at=2))
+    ours = [str(w.message) for w in recwarn.list if "gradguard" in str(w.message) or "gradguard" in w.filename]
+    assert ours == []  # e.g. Lightning's "called self.log(...) but have no logger configured" for our keys
+    assert [c["step"] for c in monitor.calls] == [1, 2, 3, 4]
+    assert [c["reason"] for c in monitor.calls] == [None, None, "nonfinite_grad", None]
+    # the skip is still reported, through logging (once, with the step number)
+    logged = [r.getMessage() for r in caplog.records if r.name == "gradguard"]
+    assert len(logged) == 1 and "skipped step 3 (nonfinite_grad" in logged[0]
+
+
+def test_checkpoint_state_is_validated_before_anything_changes():
+    cb = GradGuardCallback(gg.ZClip(warmup_steps=2), verbose=False)
+    w = torch.zeros(1, requires_grad=True)
+    for n in (1.0, 2.0, 3.0):
+        w.grad = torch.tensor([n])
+        cb.gate([w], [w])
+    state = cb.state_dict()
+    other = GradGuardCallback(gg.ZClip(warmup_steps=2), verbose=False)
+    before = other.state_dict()
+    for bad in ({"gate": state["policy"], "clipper": state["clipper"]},  # the old layout
+                {**state, "policy": {**state["policy"], "steps": 1.5}},
+                {**state, "clipper": {**state["clipper"], "buffer": torch.zeros(5)}}):
+        with pytest.raises((ValueError, TypeError)):
+            other.load_state_dict(bad)
+        assert other.state_dict() == before
