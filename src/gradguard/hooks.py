@@ -163,7 +163,7 @@ class StepGate:
         skip_step_(step_params)
         return stats
 
-    def _diagnosis(self, infos: list[Any], step: int) -> Diagnosis:
+    def _diagnosis(self, infos: list[Any], step: int | None = None) -> Diagnosis:
         # local shards only: this runs on the error path and must issue no collective
         bad = nonfinite_names([(i.name, i.grad) for i in infos])
         if bad:
@@ -171,7 +171,8 @@ class StepGate:
         else:
             cause = "another rank's gradients were non-finite; every rank skips the step so they stay in agreement"
             fix = "look at the first rank that reported non-finite gradients"
-        return Diagnosis("backward", parameters=tuple(bad), cause=cause, fix=fix, step=step)
+        return Diagnosis("backward", parameters=tuple(bad), cause=cause, fix=fix,
+                         step=self.policy.steps if step is None else step)
 
     def state_dict(self) -> dict[str, Any]:
         """``{"policy": SkipPolicy.state_dict(), "clipper": clipper.state_dict() or {}}``, for resuming."""
