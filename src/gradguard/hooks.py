@@ -103,6 +103,7 @@ class StepGate:
         self.process_group = process_group
         self.norm_type = norm_type
         self.last_stats: ClipStats | None = None
+        self.last_diagnosis: Diagnosis | None = None  # the last skipped step's
 
     # the policy's settings and counters, readable here as before
     @property
@@ -157,7 +158,8 @@ class StepGate:
         if not skipped:
             self.policy.accept()
             return stats
-        error = self.policy.reject(Reason.NONFINITE_GRAD, self._diagnosis(infos, step), stacklevel=3)
+        self.last_diagnosis = self._diagnosis(infos, step)
+        error = self.policy.reject(Reason.NONFINITE_GRAD, self.last_diagnosis, stacklevel=3)
         if error is not None:
             raise error
         skip_step_(step_params)

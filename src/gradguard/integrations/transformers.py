@@ -92,6 +92,8 @@ class GradGuardCallback(GateCallback, _Base):
         self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
         self.monitor = monitor
         self.prefix = prefix
+        self._armed = False  # between on_step_begin and on_pre_optimizer_step
+        self._decided: ClipStats | None = None  # this step's decision, once taken
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -118,16 +120,70 @@ class GradGuardCallback(GateCallback, _Base):
         """Refuse double clipping before the first step (for a callback added after the Trainer was built)."""
         self._check(args)
 
+    def bind(self, trainer: Any) -> Any:
+        """Decide before the Trainer touches the gradients; returns ``trainer``.
+
+        Unbound, the callback acts in ``on_pre_optimizer_step``, *after* the Trainer's gradient-norm pass:
+        ``accelerator.clip_grad_norm_(params, max_grad_norm)``, or with ``max_grad_norm=0`` the same call with
+        ``inf`` to measure the norm. With one infinite gradient that pass computes ``inf / inf`` and multiplies every
+        gradient by NaN, so the callback sees (and its diagnosis names) every parameter instead of the one that
+        overflowed, and with a clipper the gradients are read and rewritten once more than needed.
+
+        Bound, the callback takes that pass over (on this Trainer's accelerator only, during the optimizer step of
+        a training step): it clips with its strategy, decides, and skips first, on the gradients as backward left
+        them; it then hands its norm to the Trainer (which logs it as ``grad_norm``) instead of the measuring pass,
+        so there is no extra pass. With ``clipper=None`` and ``max_grad_norm > 0`` the Trainer's own clipping runs
+        after the decision, on finite gradients only. The callback is added to the Trainer if it is not there.
+        Gradients on several device meshes (the Trainer's mixed-mesh path) do not go through the accelerator: there
+        the callback still decides in ``on_pre_optimizer_step``.
+        """
+        accelerator: Any = getattr(trainer, "accelerator", None)
+        original = getattr(accelerator, "clip_grad_norm_", None)
+        handler = getattr(trainer, "callback_handler", None)
+        if not callable(original) or handler is None:
+            raise TypeError(
+                f"bind expects a transformers.Trainer (with an accelerator and callbacks), got {type(trainer).__name__}"
+            )
+        if getattr(original, "__gradguard__", None) is not None:
+            raise ValueError("this Trainer is already bound to a GradGuardCallback; bind one callback per Trainer")
+        if self not in handler.callbacks:
+            trainer.add_callback(self)
+
+        def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kw: Any) -> Any:
+            if not self._armed or not getattr(accelerator, "sync_gradients", True):
+                return original(parameters, max_norm, norm_type, **kw)
+            stats = self._decide(trainer.model, trainer.optimizer)
+            if math.isinf(max_norm) or self.gate.last_skipped:
+                return stats.norm  # the measuring pass is the gate's own; a skipped step has nothing left to clip
+            return original(parameters, max_norm, norm_type, **kw)  # clipper=None: the Trainer clips, on finite grads
+
+        clip_grad_norm_.__gradguard__ = self  # type: ignore[attr-defined]
+        accelerator.clip_grad_norm_ = clip_grad_norm_
+        return trainer
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """A new optimizer step: the decision is still to be taken."""
+        self._armed = True
+        self._decided = None
+
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Clip, agree across ranks, and skip a non-finite step."""
+        """Clip, agree across ranks, and skip a non-finite step (unless the bound pass already did)."""
         if optimizer is None:
             raise RuntimeError("GradGuardCallback needs the Trainer's optimizer in on_pre_optimizer_step")
-        params = optimizer_parameters(optimizer)
-        stats = self.gate(clip_target(model, params), params)
-        self._accumulate(stats)
+        self._decide(model, optimizer)
+        self._armed = False
+        self._decided = None
+
+    def _decide(self, model: nn.Module | None, optimizer: Any) -> ClipStats:
+        """The step's one decision (taken at most once per optimizer step)."""
+        if self._decided is None:
+            params = optimizer_parameters(optimizer)
+            self._decided = self.gate(clip_target(model, params), params)
+            self._accumulate(self._decided)
+        return self._decided
 
     def _accumulate(self, stats: ClipStats) -> None:
         norm = stats.norm.detach().float()
