@@ -241,3 +241,12 @@ def test_bound_guard_only_callback_decides_before_the_trainers_clipping(tmp_path
         GradGuardCallback(None).bind(trainer)
     with pytest.raises(TypeError, match="transformers.Trainer"):
         GradGuardCallback(None).bind(object())
+
+
+def test_bind_refuses_what_it_cannot_take_over(tmp_path):
+    trainer = make_trainer(tmp_path, TinyRegressor(), Regression(), [])
+    original = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate sets up for fp16 on a GPU
+    with pytest.raises(ValueError, match="GradScaler"):
+        GradGuardCallback(gg.NormClip(1.0)).bind(trainer)
+    assert trainer.accelerator.clip_grad_norm_ == original  # nothing was patched

@@ -7,11 +7,14 @@ r"""Hugging Face ``Trainer``: ``GradGuardCallback`` clips with any gradguard str
     from gradguard.integrations.transformers import GradGuardCallback
 
     args = TrainingArguments(..., max_grad_norm=0)          # the Trainer must not clip too (its default is 1.0)
-    trainer = Trainer(model, args, ..., callbacks=[GradGuardCallback(gg.ZClip())])
+    trainer = Trainer(model, args, ...)
+    GradGuardCallback(gg.ZClip()).bind(trainer)     # decide before the Trainer's norm pass (see bind)
 
 How it fits the Trainer's step. After the last micro-batch's backward the Trainer clips (``max_grad_norm > 0``),
 computes its ``grad_norm`` (unscaling fp16 gradients through accelerate on the way), then calls
-``on_pre_optimizer_step``, then ``optimizer.step()``. The callback acts in ``on_pre_optimizer_step``:
+``on_pre_optimizer_step``, then ``optimizer.step()``. A callback added with ``callbacks=[...]`` acts in
+``on_pre_optimizer_step``; one that is also bound (:meth:`GradGuardCallback.bind`) acts in place of the Trainer's
+norm pass, on the gradients as backward left them. Either way:
 
 1. clip with the chosen strategy (gradients are unscaled by then);
 2. agree on the finite flag across ranks (one MAX all-reduce when ``torch.distributed`` is initialised), so every
@@ -135,7 +138,8 @@ class GradGuardCallback(GateCallback, _Base):
         so there is no extra pass. With ``clipper=None`` and ``max_grad_norm > 0`` the Trainer's own clipping runs
         after the decision, on finite gradients only. The callback is added to the Trainer if it is not there.
         Gradients on several device meshes (the Trainer's mixed-mesh path) do not go through the accelerator: there
-        the callback still decides in ``on_pre_optimizer_step``.
+        the callback still decides in ``on_pre_optimizer_step``. Not supported (``ValueError``): fp16 with a
+        GradScaler, DeepSpeed, XLA and FSDP1, where accelerate's pass also unscales or reduces the gradients.
         """
         accelerator: Any = getattr(trainer, "accelerator", None)
         original = getattr(accelerator, "clip_grad_norm_", None)
@@ -143,6 +147,15 @@ class GradGuardCallback(GateCallback, _Base):
         if not callable(original) or handler is None:
             raise TypeError(
                 f"bind expects a transformers.Trainer (with an accelerator and callbacks), got {type(trainer).__name__}"
+            )
+        kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+        fsdp1 = kind == "FSDP" and not getattr(accelerator, "is_fsdp2", False)
+        if kind in ("DEEPSPEED", "XLA") or fsdp1 or getattr(accelerator, "scaler", None) is not None:
+            what = "a GradScaler (fp16 mixed precision)" if getattr(accelerator, "scaler", None) is not None else kind
+            raise ValueError(
+                f"bind does not support {what}: there the Trainer's norm pass also unscales or reduces the gradients "
+                "in its own way. Use the callback unbound (Trainer(..., callbacks=[cb])): it then decides in "
+                "on_pre_optimizer_step"
             )
         if getattr(original, "__gradguard__", None) is not None:
             raise ValueError("this Trainer is already bound to a GradGuardCallback; bind one callback per Trainer")
