@@ -782,3 +782,23 @@ def test_policy_arguments_are_the_same_for_guard_attach_and_the_gate():
     with pytest.raises(ValueError, match="gg.Guard"):
         gg.attach(opt, gg.NormClip(1.0), on_nonfinite="rollback")
     assert opt._optimizer_step_pre_hooks == {}
+
+
+def test_a_loss_without_grad_is_explained_not_torchs_raw_error():
+    model, opt = make_bn()
+    guard = gg.Guard(model, opt, verbose=False)
+    before, buffers = clone_state(model.state_dict()), buffers_of(model)
+
+    def no_grad_closure():
+        with torch.no_grad():
+            return loss_fn(model, *batch(0))
+
+    with pytest.raises(ValueError, match="does not require grad"):
+        guard.step(no_grad_closure)
+    assert state_equal(model.state_dict(), before) and state_equal(buffers_of(model), buffers)
+    with pytest.raises(ValueError, match="does not require grad"):
+        guard.backward(loss_fn(model, *batch(0)).detach())
+    with pytest.raises(RuntimeError, match="backward"):  # nothing was queued by the failed backward()
+        guard.step()
+    assert all(p.grad is None for p in model.parameters()) and guard.step_count == 0
+    assert not guard.step(lambda: loss_fn(model, *batch(0))).skipped

@@ -452,6 +452,12 @@ class Guard:
         convention the forward pass has run before the Guard sees the step. Prefer ``step(closure)``.
         """
         self._check_loss(loss)
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss does not require grad, so there is nothing to backward: was it computed under "
+                "torch.no_grad(), detached, or from frozen parameters only? Compute it from a forward pass through "
+                "the model's trainable parameters"
+            )
         self._pending_loss.append(loss.detach().reshape(()))
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
 
@@ -613,12 +619,6 @@ class Guard:
         self._check_loss(loss)
         own_backward = any(p.grad is not None for p in self._params())  # host-side: no synchronisation
         if not own_backward:
-            if not loss.requires_grad:
-                raise ValueError(
-                    "the closure's loss does not require grad, and the closure did not call backward: was it "
-                    "computed under torch.no_grad(), or from frozen parameters only? Return the loss of a forward "
-                    "pass through the model's trainable parameters"
-                )
             self.backward(loss)
             return False
         if self.scaler is not None and self.scaler.is_enabled():
