@@ -7,9 +7,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from gradguard.policy import Reason, SkipPolicy
 
 
 class Faulty(nn.Module):
@@ -802,3 +805,39 @@ def test_a_loss_without_grad_is_explained_not_torchs_raw_error():
         guard.step()
     assert all(p.grad is None for p in model.parameters()) and guard.step_count == 0
     assert not guard.step(lambda: loss_fn(model, *batch(0))).skipped
+
+
+# --------------------------------------------------------------------------------- the skip policy, as a property
+@settings(max_examples=200, deadline=None)
+@given(
+    outcomes=st.lists(st.one_of(st.none(), st.sampled_from(list(Reason))), max_size=60),
+    limit=st.one_of(st.none(), st.integers(0, 5)),
+    policy=st.sampled_from(["skip", "warn", "raise", "rollback"]),
+)
+def test_skip_policy_counters_errors_and_state_round_trip(outcomes, limit, policy):
+    p = SkipPolicy(policy, limit, verbose=False)
+    trailing = good = 0
+    by_reason = dict.fromkeys((r.value for r in Reason), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, reason in enumerate(outcomes, start=1):
+            assert p.start() == i  # steps are 1-based
+            if reason is None:
+                p.accept()
+                trailing, good = 0, good + 1
+                continue
+            error = p.reject(reason, gg.Diagnosis("backward", step=i))
+            trailing += 1
+            by_reason[reason.value] += 1
+            if policy == "raise" and not reason.is_spike:
+                assert isinstance(error, gg.NonFiniteError)
+            elif limit is not None and trailing > limit:
+                assert isinstance(error, gg.TrainingDivergedError) and f"{trailing} bad steps in a row" in str(error)
+            else:
+                assert error is None
+    state = p.state_dict()
+    assert state == {"steps": len(outcomes), "good_steps": good, "skipped_steps": len(outcomes) - good,
+                     "consecutive_skips": trailing, "skipped_by_reason": by_reason}
+    q = SkipPolicy(policy, limit, verbose=False)
+    q.load_state_dict(state)
+    assert q.state_dict() == state
