@@ -211,3 +211,33 @@ def test_checkpoint_state_is_validated_before_anything_changes():
         with pytest.raises((ValueError, TypeError)):
             other.load_state_dict(bad)
         assert other.state_dict() == before
+
+
+class BNRegressor(TinyRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+
+
+class BufferRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.before: list[dict] = []
+        self.after: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before.append({n: b.clone() for n, b in pl_module.named_buffers()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append({n: b.clone() for n, b in pl_module.named_buffers()})
+
+
+def test_skipped_step_leaves_batchnorm_statistics_bit_exact(tmp_path):
+    model, rec = BNRegressor(), BufferRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), verbose=False)
+    make_trainer(tmp_path, [cb, rec], steps=6).fit(model, loader(n_batches=6, nan_at=3))
+    assert cb.gate.skipped_steps == 1
+    for name, before in rec.before[3].items():  # the NaN batch: its forward pass wrote NaN, undone on the skip
+        assert torch.equal(rec.after[3][name], before), name
+    assert int(model.net[1].num_batches_tracked) == 5  # 6 batches, one skipped
+    assert torch.isfinite(model.net[1].running_mean).all() and torch.isfinite(model.net[1].running_var).all()
+    assert not torch.equal(rec.after[4]["net.1.running_mean"], rec.before[4]["net.1.running_mean"])  # updates go on

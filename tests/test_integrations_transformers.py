@@ -250,3 +250,38 @@ def test_bind_refuses_what_it_cannot_take_over(tmp_path):
     with pytest.raises(ValueError, match="GradScaler"):
         GradGuardCallback(gg.NormClip(1.0)).bind(trainer)
     assert trainer.accelerator.clip_grad_norm_ == original  # nothing was patched
+
+
+class BNRegressor(TinyRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+
+
+class BufferRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.before: list[dict] = []
+        self.after: list[dict] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append({n: b.clone() for n, b in model.named_buffers()})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append({n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_skipped_step_leaves_batchnorm_statistics_bit_exact(tmp_path, bound):
+    model, rec = BNRegressor(), BufferRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), verbose=False)
+    trainer = make_trainer(tmp_path, model, Regression(nan_at=13), [rec] if bound else [cb, rec])
+    if bound:
+        cb.bind(trainer)
+    trainer.train()
+    assert cb.gate.skipped_steps == 1
+    for name, before in rec.before[3].items():  # sample 13 is in the 4th batch: its forward wrote NaN, undone
+        assert torch.equal(rec.after[3][name], before), name
+    bn = model.net[1]
+    assert int(bn.num_batches_tracked) == 7 and torch.isfinite(bn.running_mean).all()
+    assert torch.isfinite(bn.running_var).all()

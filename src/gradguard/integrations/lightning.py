@@ -15,8 +15,9 @@ its own clipping, then the optimizer's update. The callback acts in ``on_before_
 2. agree on the finite flag across ranks (one MAX all-reduce under DDP/FSDP; none in a single process), so every
    rank skips the same steps and DDP never hangs on a step only one rank took (Lightning #5243);
 3. skip a non-finite step by setting every gradient of that optimizer to ``None``: the update that follows inside
-   the same closure-driven ``optimizer.step`` changes nothing (weights, moments and step counts stay as they were);
-   a ``GradScaler`` still sees its overflow and lowers the scale;
+   the same closure-driven ``optimizer.step`` changes nothing (weights, moments and step counts stay as they were),
+   and the module's buffers (BatchNorm's running statistics, any registered buffer), copied before the step's first
+   forward pass, are put back; a ``GradScaler`` still sees its overflow and lowers the scale;
 4. log ``gradguard/norm``, ``/threshold``, ``/coef``, ``/clipped``, ``/skipped`` through ``pl_module.log_dict``, so
    they reach the LightningModule's logger at its ``log_every_n_steps``.
 
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper
+from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
 from gradguard.integrations._common import GateCallback, clip_target, first, scalar_stats
@@ -110,6 +112,8 @@ class GradGuardCallback(GateCallback, _Base):
         self.log = bool(log)
         self.prefix = prefix
         self._stepped = False
+        self._buffers = _BufferBackup()
+        self._window_open = True  # the next batch starts an optimizer step: copy the buffers before its forward
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Refuse double clipping before training starts."""
@@ -127,9 +131,18 @@ class GradGuardCallback(GateCallback, _Base):
         model = pl_module if isinstance(pl_module, nn.Module) else None
         stats = self.gate(clip_target(model, params), params)
         self._stepped = True
+        if self.gate.last_skipped and model is not None and not self._window_open:
+            self._buffers.restore()  # BatchNorm statistics (any buffer) as before this step's forward passes
+        self._window_open = True
         if self.log and hasattr(pl_module, "log_dict") and getattr(trainer, "logger", None) is not None:
             values = scalar_stats(stats, self.gate.last_skipped, self.prefix)
             pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Copy the module's buffers before the first forward pass of an optimizer step (they are small)."""
+        if self._window_open and isinstance(pl_module, nn.Module):
+            self._buffers.capture(pl_module)
+            self._window_open = False
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Record the step in the monitor (gradients are still set here; the update has been applied)."""

@@ -20,7 +20,9 @@ norm pass, on the gradients as backward left them. Either way:
 2. agree on the finite flag across ranks (one MAX all-reduce when ``torch.distributed`` is initialised), so every
    rank skips the same steps;
 3. skip a non-finite step by setting every gradient of the optimizer to ``None``: ``optimizer.step()`` then changes
-   no weight, moment or step count. The Trainer still counts the step (``global_step``, the learning-rate schedule);
+   no weight, moment or step count, and the model's buffers (BatchNorm's running statistics, any registered buffer),
+   copied in ``on_step_begin``, are put back. The Trainer still counts the step (``global_step``, the learning-rate
+   schedule);
 4. accumulate the norm statistics on the device and add them to the Trainer's logs at each logging step:
    ``gradguard/norm_mean`` and ``/norm_max`` (over the finite steps since the last log), ``/clip_rate``,
    ``/skipped`` (steps skipped since the last log), ``/skipped_total`` and ``/threshold`` (the last one). They go
@@ -42,6 +44,7 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats
+from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
 from gradguard.integrations._common import GateCallback, clip_target
@@ -97,6 +100,8 @@ class GradGuardCallback(GateCallback, _Base):
         self.prefix = prefix
         self._armed = False  # between on_step_begin and on_pre_optimizer_step
         self._decided: ClipStats | None = None  # this step's decision, once taken
+        self._buffers = _BufferBackup()
+        self._captured = False
         self._reset_window()
 
     def _reset_window(self) -> None:
@@ -174,10 +179,16 @@ class GradGuardCallback(GateCallback, _Base):
         accelerator.clip_grad_norm_ = clip_grad_norm_
         return trainer
 
-    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """A new optimizer step: the decision is still to be taken."""
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        """A new optimizer step: the decision is still to be taken; the model's buffers are copied before its
+        first forward pass (they are small), to be put back if the step is skipped."""
         self._armed = True
         self._decided = None
+        self._captured = isinstance(model, nn.Module)
+        if model is not None and self._captured:
+            self._buffers.capture(model)
 
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None,
@@ -196,6 +207,9 @@ class GradGuardCallback(GateCallback, _Base):
             params = optimizer_parameters(optimizer)
             self._decided = self.gate(clip_target(model, params), params)
             self._accumulate(self._decided)
+            if self.gate.last_skipped and self._captured:
+                self._buffers.restore()  # BatchNorm statistics (any buffer) as before the step's forward passes
+            self._captured = False
         return self._decided
 
     def _accumulate(self, stats: ClipStats) -> None:
