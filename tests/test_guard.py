@@ -841,3 +841,12 @@ def test_skip_policy_counters_errors_and_state_round_trip(outcomes, limit, polic
     q = SkipPolicy(policy, limit, verbose=False)
     q.load_state_dict(state)
     assert q.state_dict() == state
+
+
+def test_warn_policy_points_at_the_callers_line():
+    model, opt = make()
+    guard = gg.Guard(model, opt, on_nonfinite="warn")
+    model.fault = "log0"
+    with pytest.warns(RuntimeWarning, match="skipped step 1 \\(nonfinite_loss\\)") as record:
+        guard.step(lambda: loss_fn(model, *batch(0)))
+    assert record[0].filename == __file__

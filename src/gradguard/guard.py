@@ -693,7 +693,7 @@ class Guard:
             for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None),
                                    spikes_before):
                 det.load_state_dict(before)
-            error = self.policy.reject(reason, diagnosis, stacklevel=4)
+            error = self.policy.reject(reason, diagnosis, stacklevel=3)  # points at the caller of guard.step
             rolled_back = False
             if error is None and self.on_nonfinite == "rollback":
                 self.rollback()

@@ -166,7 +166,10 @@ class SkipPolicy:
 
     def reject(self, reason: Reason | str, diagnosis: Diagnosis, *, stacklevel: int = 2) -> Exception | None:
         """The step was not applied for ``reason``: count it, report it, and return the error the owner must raise
-        once it has closed the step (``None``: continue; the owner rolls back if ``on_nonfinite == "rollback"``)."""
+        once it has closed the step (``None``: continue; the owner rolls back if ``on_nonfinite == "rollback"``).
+
+        ``stacklevel`` is where the ``"warn"`` policy's warning points, counted as by ``warnings.warn`` from the
+        caller of this method (1: that caller)."""
         reason = Reason(reason)
         self.skipped_steps += 1
         self.consecutive_skips += 1
