@@ -2,7 +2,7 @@
 
 Nothing is downloaded: the model has random weights and the data are random token ids. The Trainer's own clipping
 is turned off (``max_grad_norm=0``) because the callback clips; with it on, the callback refuses to start. Step 3
-is poisoned with a NaN gradient (by a hook) to show the skip; the gradguard statistics appear in the Trainer's logs.
+is poisoned with a NaN gradient (by a backward hook) to show the skip; the gradguard statistics appear in the Trainer's logs.
 
     pip install "gradguard[transformers]"
     python examples/hf_trainer_example.py [--steps 12] [--out DIR]
@@ -35,14 +35,24 @@ class RandomTokens(Dataset[dict[str, torch.Tensor]]):
 
 
 class PoisonStep(TrainerCallback):
-    """Put a NaN into one gradient at one step (stands in for an overflow)."""
+    """Make backward put a NaN into one gradient at one step (stands in for an overflow)."""
 
     def __init__(self, step: int) -> None:
         self.step = step
+        self.handle: Any = None
 
-    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         if state.global_step == self.step:
-            next(model.parameters()).grad.view(-1)[0] = float("nan")
+            def poison(grad: torch.Tensor) -> torch.Tensor:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+                return grad
+            self.handle = next(model.parameters()).register_hook(poison)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 def main(steps: int, out: str) -> None:
@@ -54,8 +64,8 @@ def main(steps: int, out: str) -> None:
         logging_steps=4, report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0,
     )
     guard = GradGuardCallback(gg.AutoClip(percentile=10))
-    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(steps * 8),
-                      callbacks=[PoisonStep(3), guard])  # the poison runs first, then gradguard sees it
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(steps * 8), callbacks=[PoisonStep(3)])
+    guard.bind(trainer)  # decides on the gradients as backward left them, in place of the Trainer's norm pass
     trainer.train()
     for record in trainer.state.log_history:
         if "loss" in record:

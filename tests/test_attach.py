@@ -160,11 +160,11 @@ def test_policies_raise_warn_and_max_consecutive_skips():
     for _ in range(2):
         opt.zero_grad()
         _backward(model, nan=True)
-        with pytest.warns(UserWarning, match="skipped step"):
+        with pytest.warns(RuntimeWarning, match="skipped step"):
             opt.step()
     opt.zero_grad()
     _backward(model, nan=True)
-    with pytest.raises(gg.TrainingDivergedError, match="3 non-finite steps in a row"):
+    with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row"):
         opt.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
     handle.remove()
@@ -227,4 +227,36 @@ def test_gate_counters_round_trip():
     assert w.grad is None and gate.skipped_steps == 1
     other = StepGate(gg.NormClip(1.0))
     other.load_state_dict(gate.state_dict())
-    assert other.state_dict() == {"steps": 1, "skipped_steps": 1, "consecutive_skips": 1}
+    assert other.state_dict() == gate.state_dict() == {
+        "policy": {"steps": 1, "good_steps": 0, "skipped_steps": 1, "consecutive_skips": 1,
+                   "skipped_by_reason": {"nonfinite_loss": 0, "nonfinite_grad": 1, "nonfinite_params": 0,
+                                         "loss_spike": 0, "grad_norm_spike": 0}},
+        "clipper": {},
+    }
+
+
+def test_attach_reports_the_first_skip_and_numbers_steps_from_one(caplog):
+    model = _model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    calls = []
+
+    class Recorder:
+        def record(self, stats, **fields):
+            calls.append((fields["step"], fields["reason"], fields["lr"]))
+
+    with caplog.at_level("WARNING", logger="gradguard"), gg.attach(opt, gg.NormClip(1.0), model,
+                                                                    monitor=Recorder()) as handle:
+        for step in range(4):
+            opt.zero_grad()
+            _backward(model, nan=step in (1, 2))
+            opt.step()
+    assert calls == [(1, None, 0.1), (2, "nonfinite_grad", 0.1), (3, "nonfinite_grad", 0.1), (4, None, 0.1)]
+    logged = [r.getMessage() for r in caplog.records if r.name == "gradguard"]
+    assert len(logged) == 1 and "skipped step 2 (nonfinite_grad" in logged[0] and "0.weight" in logged[0]
+    assert handle.gate.last_diagnosis.step == 3
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gradguard"), gg.attach(opt, verbose=False):
+        opt.zero_grad()
+        _backward(model, nan=True)
+        opt.step()
+    assert not [r for r in caplog.records if r.name == "gradguard"]

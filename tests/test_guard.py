@@ -7,9 +7,12 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from gradguard.policy import Reason, SkipPolicy
 
 
 class Faulty(nn.Module):
@@ -226,7 +229,7 @@ def test_raise_and_warn_policies_and_the_consecutive_skip_limit():
             guard.step(lambda: loss_fn(model, x, y))
     assert err.value.diagnosis.stage == "forward" and params_finite(model)
     model.fault = None
-    guard.consecutive_skips = 0
+    guard.policy.consecutive_skips = 0
     assert not guard.step(lambda: loss_fn(model, x, y)).skipped
 
 
@@ -266,8 +269,8 @@ def test_skipped_step_leaves_optimizer_scheduler_and_ema_untouched():
     assert guard.step(lambda: loss_fn(model, x, y)).skipped
     for before, now in zip(snap, (model.state_dict(), opt.state_dict(), sched.state_dict(), ema.state_dict())):
         assert state_equal(now, before)
-    for k, v in guard.clipper.state_dict().items():  # a non-finite norm never enters the clipper's history
-        assert state_equal(v, clip_state[k]) if k != "calls" else v == clip_state[k] + 1
+    # a step that is not applied commits nothing to the clipper (its call counter included)
+    assert state_equal(guard.clipper.state_dict(), clip_state)
 
 
 def test_loss_spike_is_skipped():
@@ -473,3 +476,377 @@ def test_raise_policy_leaves_the_scaler_ready_and_the_monitor_sees_the_gradients
 def test_spike_diagnosis_reads_as_a_spike():
     d = gg.Diagnosis("forward", event="loss_spike", cause="c", fix="f", step=3)
     assert str(d).startswith("gradguard: loss spike at stage 'forward' (step 3)") and "closure" not in str(d)
+
+
+# ------------------------------------------------------------------ a step that is not applied changes nothing (#10)
+class BNNet(nn.Module):
+    """Linear -> BatchNorm1d -> Linear: the forward pass writes running_mean/var and num_batches_tracked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 1)
+        self.register_buffer("seen", torch.zeros(8))  # any registered buffer, updated in forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.inp(x))
+        if self.training:
+            with torch.no_grad():
+                self.seen.add_(h.detach().mean(0))
+        return self.out(h.relu())
+
+
+def make_bn(seed: int = 0, lr: float = 0.05):
+    torch.manual_seed(seed)
+    model = BNNet()
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+
+
+def buffers_of(model):
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def _torch_style(model, opt, x, y):
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(model, x, y)
+        loss.backward()
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("convention", ["closure", "torch_closure", "manual"])
+@pytest.mark.parametrize("policy", ["skip", "raise"])
+def test_skipped_step_leaves_batchnorm_statistics_and_buffers_bit_exact(convention, policy):
+    model, opt = make_bn()
+    guard = gg.Guard(model, opt, on_nonfinite=policy, verbose=False)
+
+    def run(x, y):
+        if convention == "closure":
+            return guard.step(lambda: loss_fn(model, x, y))
+        if convention == "torch_closure":
+            return guard.step(_torch_style(model, opt, x, y))
+        guard.backward(loss_fn(model, x, y))
+        return guard.step()
+
+    for step in range(3):
+        assert not run(*batch(step)).skipped
+    before = buffers_of(model)
+    assert int(before["bn.num_batches_tracked"]) == 3
+    x, y = batch(3)
+    x[2, 0] = float("nan")  # a corrupt sample: BatchNorm's batch mean and variance become NaN
+    if policy == "raise":
+        with pytest.raises(gg.NonFiniteError):
+            run(x, y)
+    else:
+        assert run(x, y).skipped
+    assert state_equal(buffers_of(model), before)  # NaN never reaches running_mean/var; the count did not move
+    model.eval()
+    assert bool(torch.isfinite(model(batch(4)[0])).all())  # later evaluation is unaffected
+    model.train()
+    assert not run(*batch(5)).skipped and int(model.bn.num_batches_tracked) == 4
+
+
+def test_undone_step_leaves_batchnorm_statistics_bit_exact():
+    model, opt = make_bn(lr=0.05)
+    guard = gg.Guard(model, opt, verbose=False)
+    for step in range(2):
+        guard.step(lambda: loss_fn(model, *batch(step)))
+    before, before_params = buffers_of(model), clone_state(model.state_dict())
+    opt.param_groups[0]["lr"] = 1e38  # finite gradients, non-finite weights: the step is undone
+    x, y = batch(2)
+    report = guard.step(lambda: loss_fn(model, x, y) * 1e6)
+    assert report.skipped and report.reason == "nonfinite_params"
+    assert state_equal(buffers_of(model), before) and state_equal(model.state_dict(), before_params)
+
+
+@pytest.mark.parametrize("make_clipper", [
+    lambda: gg.ZClip(warmup_steps=2), lambda: gg.AutoClip(percentile=50), lambda: gg.AdaGC(warmup_steps=1),
+    lambda: gg.Chain(gg.AdaGC(warmup_steps=1), gg.ZClip(warmup_steps=2)),
+], ids=["zclip", "autoclip", "adagc", "chain"])
+@pytest.mark.parametrize("fault", ["nonfinite_params", "loss_spike"])
+def test_clipper_statistics_are_committed_only_for_applied_steps(make_clipper, fault):
+    model, opt = make(opt="sgd", lr=0.01)
+    guard = gg.Guard(model, opt, clipper=make_clipper(), spike_z=3.0 if fault == "loss_spike" else None,
+                     spike_window=8, verbose=False)
+    for step in range(8):
+        assert not guard.step(lambda: loss_fn(model, *batch(step))).skipped
+    clip_before, guard_before = clone_state(guard.clipper.state_dict()), clone_state(guard.state_dict())
+    x, y = batch(8)
+    if fault == "nonfinite_params":
+        opt.param_groups[0]["lr"] = 1e38  # finite gradients (the clipper sees a finite norm), blown-up weights
+        report = guard.step(lambda: loss_fn(model, x, y) * 1e3)
+        opt.param_groups[0]["lr"] = 0.01
+    else:
+        report = guard.step(lambda: loss_fn(model, x, y) * 1e4 + 1e4)
+    assert report.skipped and report.reason == fault
+    after = guard.state_dict()
+    assert state_equal(guard.clipper.state_dict(), clip_before)  # ZClip EMA / AutoClip history / AdaGC EMAs
+    assert state_equal(after["spikes"], guard_before["spikes"])
+    # the oracle: a twin that never attempted the bad step clips the next step identically
+    twin_model, twin_opt = make(opt="sgd", lr=0.01)
+    twin = gg.Guard(twin_model, twin_opt, clipper=make_clipper(), verbose=False)
+    for step in range(8):
+        twin.step(lambda: loss_fn(twin_model, *batch(step)))
+    r1 = guard.step(lambda: loss_fn(model, *batch(9)))
+    r2 = twin.step(lambda: loss_fn(twin_model, *batch(9)))
+    assert torch.equal(r1.stats.threshold, r2.stats.threshold) and torch.equal(r1.stats.coef, r2.stats.coef)
+    assert state_equal(model.state_dict(), twin_model.state_dict())
+
+
+# --------------------------------------------------------------------------------------------- resume (#10)
+@pytest.mark.parametrize("order", ["model_first", "guard_first"])
+def test_rollback_after_resume_restores_the_resumed_state_not_the_initial_weights(order):
+    model, opt = make(opt="sgd")
+    guard = gg.Guard(model, opt, clipper=gg.ZClip(warmup_steps=2), on_nonfinite="rollback", snapshot_every=3,
+                     verbose=False)
+    for step in range(4):
+        guard.step(lambda: loss_fn(model, *batch(step)))
+    ckpt = {"model": clone_state(model.state_dict()), "opt": clone_state(opt.state_dict()),
+            "guard": clone_state(guard.state_dict())}
+
+    resumed, ropt = make(seed=1, opt="sgd")  # a fresh process: different initial weights
+    initial = clone_state(resumed.state_dict())
+    rguard = gg.Guard(resumed, ropt, clipper=gg.ZClip(warmup_steps=2), on_nonfinite="rollback", snapshot_every=3,
+                      verbose=False)
+    if order == "guard_first":
+        rguard.load_state_dict(ckpt["guard"])
+    resumed.load_state_dict(ckpt["model"])
+    ropt.load_state_dict(ckpt["opt"])
+    if order == "model_first":
+        rguard.load_state_dict(ckpt["guard"])
+    assert rguard.step_count == 4 and rguard.good_steps == 4
+    resumed.fault = "log0"
+    report = rguard.step(lambda: loss_fn(resumed, *batch(4)))
+    assert report.skipped and report.rolled_back and report.step == 5
+    assert state_equal(resumed.state_dict(), ckpt["model"]) and not state_equal(resumed.state_dict(), initial)
+    assert state_equal(ropt.state_dict(), ckpt["opt"])
+
+
+def test_guard_load_state_dict_refuses_mismatches_and_changes_nothing():
+    model, opt = make()
+    guard = gg.Guard(model, opt, clipper=gg.ZClip(warmup_steps=2), spike_z=6.0, spike_window=16, verbose=False)
+    for step in range(3):
+        guard.step(lambda: loss_fn(model, *batch(step)))
+    good = clone_state(guard.state_dict())
+    other_model, other_opt = make()
+    target = gg.Guard(other_model, other_opt, clipper=gg.ZClip(warmup_steps=2), spike_z=6.0, spike_window=16,
+                      verbose=False)
+    target.step(lambda: loss_fn(other_model, *batch(0)))
+    untouched = clone_state(target.state_dict())
+
+    wrong_window = gg.Guard(model, opt, clipper=gg.ZClip(warmup_steps=2), spike_z=6.0, spike_window=32,
+                            verbose=False).state_dict()
+    wrong_window["spikes"] = {**good["spikes"], "window": 32,
+                              "loss": {"values": torch.zeros(32), "count": torch.tensor(0)}}
+    missing = {k: v for k, v in good.items() if k != "policy"}
+    wrong_type = {**good, "policy": {**good["policy"], "steps": "3"}}
+    no_spikes = {**good, "spikes": None}
+    bad_clipper = {**good, "clipper": {"mean": torch.zeros(())}}
+    cases = [
+        (wrong_window, ValueError, "spike_window=32"),
+        (missing, ValueError, r"missing \['policy'\]"),
+        (wrong_type, TypeError, "steps"),
+        (no_spikes, ValueError, "spikes"),
+        (bad_clipper, ValueError, "ZClip"),
+        ("state", TypeError, "mapping"),
+    ]
+    for state, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            target.load_state_dict(state)
+        assert state_equal(target.state_dict(), untouched)
+    target.load_state_dict(good)
+    assert state_equal(target.state_dict(), good)
+    with pytest.raises(ValueError, match="spike_z=None"):
+        gg.Guard(other_model, other_opt, verbose=False).load_state_dict(good)
+
+
+# ------------------------------------------------------------------------------------- closure conventions (#10)
+def test_torch_style_closure_that_calls_backward_itself_is_accepted_and_identical():
+    m1, o1 = make()
+    m2, o2 = make()
+    g1 = gg.Guard(m1, o1, clipper=gg.NormClip(0.5), verbose=False)
+    g2 = gg.Guard(m2, o2, clipper=gg.NormClip(0.5), verbose=False)
+    for step in range(4):
+        x, y = batch(step)
+        r1 = g1.step(lambda: loss_fn(m1, x, y))  # returns the loss; the Guard runs backward
+        r2 = g2.step(_torch_style(m2, o2, x, y))  # torch.optim convention: backward inside the closure
+        assert not r2.skipped and torch.equal(r1.loss, r2.loss) and torch.equal(r1.norm, r2.norm)
+    assert state_equal(m1.state_dict(), m2.state_dict()) and state_equal(o1.state_dict(), o2.state_dict())
+    # a bad step with such a closure is skipped and located, without a second backward through a freed graph
+    m2.fault = "log0"
+    report = g2.step(_torch_style(m2, o2, *batch(5)))
+    assert report.skipped and g2.diagnosis.module == "encoder.layers.1.attn"
+    assert g2.diagnosis.op == "aten.log.default"
+
+
+def test_torch_style_closure_under_a_grad_scaler_is_explained_and_changes_nothing():
+    model, opt = make_bn()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = gg.Guard(model, opt, scaler=scaler, verbose=False)
+    before, buffers = clone_state(model.state_dict()), buffers_of(model)
+    with pytest.raises(RuntimeError, match="without calling backward"):
+        guard.step(_torch_style(model, opt, *batch(0)))
+    assert state_equal(model.state_dict(), before) and state_equal(buffers_of(model), buffers)
+    assert all(p.grad is None for p in model.parameters()) and guard.step_count == 0
+    assert not guard.step(lambda: loss_fn(model, *batch(0))).skipped  # the Guard is usable right after
+
+
+# ---------------------------------------------------------------------------------- the Guard speaks up (#10)
+def test_first_skip_per_reason_is_logged_then_summarised(caplog):
+    model, opt = make(opt="sgd")
+    guard = gg.Guard(model, opt, max_consecutive_skips=None, summary_every=5)
+    with caplog.at_level("WARNING", logger="gradguard"):
+        guard.step(lambda: loss_fn(model, *batch(0)))
+        model.fault = "log0"
+        guard.step(lambda: loss_fn(model, *batch(1)))  # step 2: first nonfinite_loss, reported in full
+        guard.step(lambda: loss_fn(model, *batch(2)))  # step 3: same reason, only counted
+        model.fault = None
+        opt.param_groups[0]["lr"] = 1e38
+        guard.step(lambda: loss_fn(model, *batch(3)) * 1e6)  # step 4: first nonfinite_params, in full
+        opt.param_groups[0]["lr"] = 0.05
+        guard.step(lambda: loss_fn(model, *batch(4)))  # step 5: good; the summary of steps 1-5 follows
+    messages = [r.getMessage() for r in caplog.records if r.name == "gradguard"]
+    assert len(messages) == 3
+    assert "skipped step 2 (nonfinite_loss" in messages[0] and "aten.log.default" in messages[0]
+    assert "skipped step 4 (nonfinite_params" in messages[1] and "learning rate" in messages[1]
+    assert "3 of steps 1-5" in messages[2] and "2 nonfinite_loss" in messages[2] and "1 nonfinite_params" in messages[2]
+
+
+def test_verbose_false_is_silent(caplog, recwarn):
+    model, opt = make()
+    guard = gg.Guard(model, opt, verbose=False, summary_every=1)
+    model.fault = "log0"
+    with caplog.at_level("DEBUG", logger="gradguard"):
+        assert guard.step(lambda: loss_fn(model, *batch(0))).skipped
+    assert not [r for r in caplog.records if r.name.startswith("gradguard")] and not recwarn.list
+
+
+def test_steps_are_one_based_in_report_diagnosis_and_monitor():
+    model, opt = make()
+    steps = []
+
+    class Recorder:
+        def record(self, stats, **fields):
+            steps.append(fields["step"])
+
+    guard = gg.Guard(model, opt, monitor=Recorder(), verbose=False)
+    reports = [guard.step(lambda: loss_fn(model, *batch(0)))]
+    model.fault = "div0"
+    reports.append(guard.step(lambda: loss_fn(model, *batch(1))))
+    assert [r.step for r in reports] == steps == [1, 2] and guard.step_count == 2
+    assert guard.diagnosis.step == 2 and "(step 2)" in str(guard.diagnosis)
+
+
+# ------------------------------------------------------------------------------------ replay and RNG (#10)
+def test_replay_uses_the_step_rng_and_leaves_the_stream_as_without_replay():
+    def run(locate):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 1))
+        guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), locate=locate, verbose=False)
+        x, y = batch(0)
+        x[0, 0] = float("nan")
+        report = guard.step(lambda: loss_fn(model, x, y))
+        return report, guard.diagnosis, torch.rand(4)
+
+    (r1, d1, after1), (r2, d2, after2) = run(True), run(False)
+    assert r1.skipped and r2.skipped and d1.located and d1.stage == "input" and not d2.located
+    assert torch.equal(after1, after2)  # the replay restored the RNG: later random numbers are unchanged
+
+
+# ----------------------------------------------------------------------------------- construction errors (#12)
+def test_optimizer_must_own_the_trainable_parameters_and_something_must_train():
+    model, _ = make()
+    partial = torch.optim.SGD(model.head.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"does not own .*encoder\.layers\.0\.attn\.proj\.weight"):
+        gg.Guard(model, partial)
+    for p in model.encoder.parameters():
+        p.requires_grad_(False)
+    gg.Guard(model, partial, verbose=False)  # frozen parameters need not be in the optimizer
+    frozen = nn.Linear(4, 1).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        gg.Guard(frozen, torch.optim.SGD(frozen.parameters(), lr=0.1))
+
+
+def test_policy_arguments_are_the_same_for_guard_attach_and_the_gate():
+    model, opt = make()
+    for build in (lambda **kw: gg.Guard(model, opt, verbose=False, **kw),
+                  lambda **kw: gg.hooks.StepGate(gg.NormClip(1.0), **kw)):
+        with pytest.raises(TypeError, match="max_consecutive_skips"):
+            build(max_consecutive_skips="3")
+        with pytest.raises(ValueError, match="max_consecutive_skips"):
+            build(max_consecutive_skips=-1)
+        with pytest.raises(ValueError, match="on_nonfinite"):
+            build(on_nonfinite="ignore")
+        with pytest.raises(TypeError, match="process_group"):
+            build(process_group="world")
+        assert build(max_consecutive_skips=None).max_consecutive_skips is None
+    with pytest.raises(ValueError, match="gg.Guard"):
+        gg.attach(opt, gg.NormClip(1.0), on_nonfinite="rollback")
+    assert opt._optimizer_step_pre_hooks == {}
+
+
+def test_a_loss_without_grad_is_explained_not_torchs_raw_error():
+    model, opt = make_bn()
+    guard = gg.Guard(model, opt, verbose=False)
+    before, buffers = clone_state(model.state_dict()), buffers_of(model)
+
+    def no_grad_closure():
+        with torch.no_grad():
+            return loss_fn(model, *batch(0))
+
+    with pytest.raises(ValueError, match="does not require grad"):
+        guard.step(no_grad_closure)
+    assert state_equal(model.state_dict(), before) and state_equal(buffers_of(model), buffers)
+    with pytest.raises(ValueError, match="does not require grad"):
+        guard.backward(loss_fn(model, *batch(0)).detach())
+    with pytest.raises(RuntimeError, match="backward"):  # nothing was queued by the failed backward()
+        guard.step()
+    assert all(p.grad is None for p in model.parameters()) and guard.step_count == 0
+    assert not guard.step(lambda: loss_fn(model, *batch(0))).skipped
+
+
+# --------------------------------------------------------------------------------- the skip policy, as a property
+@settings(max_examples=200, deadline=None)
+@given(
+    outcomes=st.lists(st.one_of(st.none(), st.sampled_from(list(Reason))), max_size=60),
+    limit=st.one_of(st.none(), st.integers(0, 5)),
+    policy=st.sampled_from(["skip", "warn", "raise", "rollback"]),
+)
+def test_skip_policy_counters_errors_and_state_round_trip(outcomes, limit, policy):
+    p = SkipPolicy(policy, limit, verbose=False)
+    trailing = good = 0
+    by_reason = dict.fromkeys((r.value for r in Reason), 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, reason in enumerate(outcomes, start=1):
+            assert p.start() == i  # steps are 1-based
+            if reason is None:
+                p.accept()
+                trailing, good = 0, good + 1
+                continue
+            error = p.reject(reason, gg.Diagnosis("backward", step=i))
+            trailing += 1
+            by_reason[reason.value] += 1
+            if policy == "raise" and not reason.is_spike:
+                assert isinstance(error, gg.NonFiniteError)
+            elif limit is not None and trailing > limit:
+                assert isinstance(error, gg.TrainingDivergedError) and f"{trailing} bad steps in a row" in str(error)
+            else:
+                assert error is None
+    state = p.state_dict()
+    assert state == {"steps": len(outcomes), "good_steps": good, "skipped_steps": len(outcomes) - good,
+                     "consecutive_skips": trailing, "skipped_by_reason": by_reason}
+    q = SkipPolicy(policy, limit, verbose=False)
+    q.load_state_dict(state)
+    assert q.state_dict() == state
+
+
+def test_warn_policy_points_at_the_callers_line():
+    model, opt = make()
+    guard = gg.Guard(model, opt, on_nonfinite="warn")
+    model.fault = "log0"
+    with pytest.warns(RuntimeWarning, match="skipped step 1 \\(nonfinite_loss\\)") as record:
+        guard.step(lambda: loss_fn(model, *batch(0)))
+    assert record[0].filename == __file__

@@ -166,3 +166,78 @@ def test_bad_arguments():
         GradGuardCallback(torch.nn.utils.clip_grad_norm_)
     with pytest.raises(TypeError, match="monitor"):
         GradGuardCallback(monitor=object())
+
+
+class StepRecorder:
+    """A monitor that keeps what the callback hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def record(self, stats, **fields):
+        self.calls.append(fields)
+
+
+def test_no_gradguard_warnings_without_a_logger_and_one_based_monitor_steps(tmp_path, recwarn, caplog):
+    model, monitor = TinyRegressor(), StepRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), monitor=monitor)
+    trainer = L.Trainer(
+        max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path, callbacks=[cb],
+    )
+    with caplog.at_level("WARNING", logger="gradguard"):
+        trainer.fit(model, loader(nan_at=2))
+    ours = [str(w.message) for w in recwarn.list if "gradguard" in str(w.message) or "gradguard" in w.filename]
+    assert ours == []  # e.g. Lightning's "called self.log(...) but have no logger configured" for our keys
+    assert [c["step"] for c in monitor.calls] == [1, 2, 3, 4]
+    assert [c["reason"] for c in monitor.calls] == [None, None, "nonfinite_grad", None]
+    # the skip is still reported, through logging (once, with the step number)
+    logged = [r.getMessage() for r in caplog.records if r.name == "gradguard"]
+    assert len(logged) == 1 and "skipped step 3 (nonfinite_grad" in logged[0]
+
+
+def test_checkpoint_state_is_validated_before_anything_changes():
+    cb = GradGuardCallback(gg.ZClip(warmup_steps=2), verbose=False)
+    w = torch.zeros(1, requires_grad=True)
+    for n in (1.0, 2.0, 3.0):
+        w.grad = torch.tensor([n])
+        cb.gate([w], [w])
+    state = cb.state_dict()
+    other = GradGuardCallback(gg.ZClip(warmup_steps=2), verbose=False)
+    before = other.state_dict()
+    for bad in ({"gate": state["policy"], "clipper": state["clipper"]},  # the old layout
+                {**state, "policy": {**state["policy"], "steps": 1.5}},
+                {**state, "clipper": {**state["clipper"], "buffer": torch.zeros(5)}}):
+        with pytest.raises((ValueError, TypeError)):
+            other.load_state_dict(bad)
+        assert other.state_dict() == before
+
+
+class BNRegressor(TinyRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+
+
+class BufferRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.before: list[dict] = []
+        self.after: list[dict] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before.append({n: b.clone() for n, b in pl_module.named_buffers()})
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.after.append({n: b.clone() for n, b in pl_module.named_buffers()})
+
+
+def test_skipped_step_leaves_batchnorm_statistics_bit_exact(tmp_path):
+    model, rec = BNRegressor(), BufferRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), verbose=False)
+    make_trainer(tmp_path, [cb, rec], steps=6).fit(model, loader(n_batches=6, nan_at=3))
+    assert cb.gate.skipped_steps == 1
+    for name, before in rec.before[3].items():  # the NaN batch: its forward pass wrote NaN, undone on the skip
+        assert torch.equal(rec.after[3][name], before), name
+    assert int(model.net[1].num_batches_tracked) == 5  # 6 batches, one skipped
+    assert torch.isfinite(model.net[1].running_mean).all() and torch.isfinite(model.net[1].running_var).all()
+    assert not torch.equal(rec.after[4]["net.1.running_mean"], rec.before[4]["net.1.running_mean"])  # updates go on

@@ -162,3 +162,126 @@ def test_bad_arguments():
         GradGuardCallback(gg.NormClip(1.0), on_nonfinite="nope")
     with pytest.raises(TypeError, match="Clipper"):
         GradGuardCallback(1.0)
+
+
+class OneInf(nn.Module):
+    """A regressor plus a parameter ``extra`` whose gradient is +inf on the batch holding ``boom=inf``: exactly one
+    non-finite gradient element, every other gradient finite."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        self.extra = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, labels=None, boom=None):
+        out = self.net(x)
+        return {"loss": nn.functional.mse_loss(out, labels) + (self.extra * boom).sum(), "logits": out}
+
+
+class Boom(Regression):
+    def __init__(self, boom_at: int) -> None:
+        super().__init__()
+        self.boom = torch.zeros(len(self.x), 1)
+        self.boom[boom_at] = math.inf
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "boom": self.boom[i]}
+
+
+def _count_accelerator_clips(trainer) -> list[float]:
+    calls: list[float] = []
+    original = trainer.accelerator.clip_grad_norm_
+
+    def counting(parameters, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return original(parameters, max_norm, *args, **kwargs)
+
+    trainer.accelerator.clip_grad_norm_ = counting
+    return calls
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_bound_callback_sees_the_gradients_as_backward_left_them(tmp_path, bound):
+    model, rec = OneInf(), ParamRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), verbose=False)
+    trainer = make_trainer(tmp_path, model, Boom(boom_at=9), [rec])  # max_grad_norm=0
+    calls = _count_accelerator_clips(trainer)
+    if bound:
+        assert cb.bind(trainer) is trainer and cb in trainer.callback_handler.callbacks
+    else:
+        trainer.add_callback(cb)
+    trainer.train()
+    assert cb.gate.skipped_steps == 1 and torch.equal(rec.after[2], rec.before[2])  # sample 9: the 3rd batch
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    if not bound:  # the Trainer's inf-norm pass turned the one Inf into NaN everywhere, and ran every step
+        assert len(cb.gate.last_diagnosis.parameters) == 5 and calls == [math.inf] * 8
+        return
+    assert cb.gate.last_diagnosis.parameters == ("extra",)  # one Inf stays one Inf
+    assert calls == []  # no pass of the Trainer's over the gradients: the gate's norm is the Trainer's grad_norm
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    for i, h in enumerate(logs):
+        if i != 2:
+            assert h["grad_norm"] == pytest.approx(h["gradguard/norm_mean"], rel=1e-6) and h["grad_norm"] > MAX_NORM
+    steps = [float((a - b).norm()) for a, b in zip(rec.after, rec.before)]
+    assert all(s <= LR * MAX_NORM * (1 + 1e-4) for s in steps)
+
+
+def test_bound_guard_only_callback_decides_before_the_trainers_clipping(tmp_path):
+    model, rec = OneInf(), ParamRecorder()
+    cb = GradGuardCallback(None, verbose=False)
+    trainer = make_trainer(tmp_path, model, Boom(boom_at=9), [rec], max_grad_norm=MAX_NORM)
+    calls = _count_accelerator_clips(trainer)
+    cb.bind(trainer).train()
+    assert cb.gate.skipped_steps == 1 and cb.gate.last_diagnosis.parameters == ("extra",)
+    assert calls == [MAX_NORM] * 7  # the Trainer's own clipping, on the 7 finite steps only
+    steps = [float((a - b).norm()) for a, b in zip(rec.after, rec.before)]
+    assert steps[2] == 0.0 and all(s <= LR * MAX_NORM * (1 + 1e-4) for s in steps)
+    with pytest.raises(ValueError, match="already bound"):
+        GradGuardCallback(None).bind(trainer)
+    with pytest.raises(TypeError, match="transformers.Trainer"):
+        GradGuardCallback(None).bind(object())
+
+
+def test_bind_refuses_what_it_cannot_take_over(tmp_path):
+    trainer = make_trainer(tmp_path, TinyRegressor(), Regression(), [])
+    original = trainer.accelerator.clip_grad_norm_
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu")  # what accelerate sets up for fp16 on a GPU
+    with pytest.raises(ValueError, match="GradScaler"):
+        GradGuardCallback(gg.NormClip(1.0)).bind(trainer)
+    assert trainer.accelerator.clip_grad_norm_ == original  # nothing was patched
+
+
+class BNRegressor(TinyRegressor):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 1))
+
+
+class BufferRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.before: list[dict] = []
+        self.after: list[dict] = []
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.before.append({n: b.clone() for n, b in model.named_buffers()})
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.after.append({n: b.clone() for n, b in model.named_buffers()})
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_skipped_step_leaves_batchnorm_statistics_bit_exact(tmp_path, bound):
+    model, rec = BNRegressor(), BufferRecorder()
+    cb = GradGuardCallback(gg.NormClip(MAX_NORM), verbose=False)
+    trainer = make_trainer(tmp_path, model, Regression(nan_at=13), [rec] if bound else [cb, rec])
+    if bound:
+        cb.bind(trainer)
+    trainer.train()
+    assert cb.gate.skipped_steps == 1
+    for name, before in rec.before[3].items():  # sample 13 is in the 4th batch: its forward wrote NaN, undone
+        assert torch.equal(rec.after[3][name], before), name
+    bn = model.net[1]
+    assert int(bn.num_batches_tracked) == 7 and torch.isfinite(bn.running_mean).all()
+    assert torch.isfinite(bn.running_var).all()

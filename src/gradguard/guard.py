@@ -2,8 +2,8 @@
 
 One step, in order::
 
-    closure() -> loss            (the Guard zeroes gradients first, and remembers the RNG state)
-    backward(loss)               (scaled when a GradScaler is given)
+    closure() -> loss            (the Guard zeroes gradients first, and remembers the RNG state and the buffers)
+    backward(loss)               (scaled when a GradScaler is given; not when the closure already called it)
     scaler.unscale_(optimizer)   (exactly once; clipping always sees unscaled gradients)
     clipper(model) -> ClipStats  (one pass over the gradients: the norm, which is also the finite flag)
     decide                       (loss finite, gradients finite, no spike: ONE host read, MAX-reduced across ranks)
@@ -16,16 +16,30 @@ parameters and the optimizer state first, steps, and reads loss, gradient and pa
 host read — restoring the backup if anything was non-finite. So under ``"skip"`` and ``"rollback"`` the weights
 never hold a non-finite value.
 
+A step that is not applied (skipped, or undone) changes nothing: besides the weights and the optimizer state, the
+model's buffers (BatchNorm's running statistics and ``num_batches_tracked``, any registered buffer) are put back as
+they were before the step's forward pass, and the clipper's and spike detectors' statistics are committed only for
+applied steps. The buffers are copied once per step (they are small; the parameters are not copied for this).
+
+Closures: both conventions work. A closure that returns the loss lets the Guard run backward (scaled by the
+GradScaler); a ``torch.optim``-style closure that calls ``loss.backward()`` itself and returns the loss is detected
+(its gradients are already there) and not backwarded twice. Under a GradScaler the closure must not call backward
+(the scaler has to scale the loss first): the Guard raises and says so.
+
 On a bad step with a closure, the step is replayed once under the op-level locator (same RNG state, parameters
-untouched) and ``guard.diagnosis`` names the stage, module and op; without a closure it gives the stage and the
-parameters with non-finite gradients.
+untouched; the global RNG state is restored afterwards, so the random stream continues as if no replay had run) and
+``guard.diagnosis`` names the stage, module and op; without a closure it gives the stage and the parameters with
+non-finite gradients. Setting and restoring the global RNG state affects every thread: a Guard is not thread-safe,
+and other threads must not draw random numbers while it steps.
+
+Steps are numbered from 1: step 1 is the first step attempted (applied or not), in :class:`StepReport`, in
+:class:`~gradguard.Diagnosis` and in what is passed to the monitor (:mod:`gradguard.policy`).
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -39,8 +53,6 @@ from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import check_int, check_number
 from gradguard.diagnose import (
     Diagnosis,
-    NonFiniteError,
-    TrainingDivergedError,
     _rng_state,
     _set_rng_state,
     explain,
@@ -48,13 +60,12 @@ from gradguard.diagnose import (
     nonfinite_names,
 )
 from gradguard.distributed import all_reduce_max_
+from gradguard.policy import POLICIES, Reason, SkipPolicy, check_process_group, learning_rate
 
-__all__ = ["Guard", "SpikeDetector", "StepReport"]
-
-POLICIES = ("skip", "rollback", "raise", "warn")
+__all__ = ["POLICIES", "Guard", "SpikeDetector", "StepReport"]
 
 # one flag per reason, in the order they are read back
-_REASONS = ("nonfinite_loss", "nonfinite_grad", "nonfinite_params", "loss_spike", "grad_norm_spike")
+_REASONS = tuple(Reason)
 
 
 class _Recorder(Protocol):
@@ -149,7 +160,27 @@ class SpikeDetector:
         return {} if self._values is None or self._count is None else {
             "values": self._values.clone(), "count": self._count.clone()}
 
+    def check_state(self, state: Any, where: str = "state") -> None:
+        """Raise a clear error unless ``state`` is a :meth:`state_dict` of a detector with this ``window``."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where} must be a mapping (from SpikeDetector.state_dict()), got {type(state).__name__}")
+        if not state:
+            return
+        if set(state) != {"values", "count"}:
+            raise ValueError(f"{where} must have the keys ['count', 'values'], got {sorted(state)}")
+        values, count = state["values"], state["count"]
+        if not isinstance(values, Tensor) or values.shape != (self.window,) or not values.is_floating_point():
+            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
+            raise ValueError(
+                f"{where}['values'] must be a float tensor of shape ({self.window},) to match spike_window="
+                f"{self.window}, got {shape}; construct the Guard with the spike_window the state was saved with"
+            )
+        if not isinstance(count, Tensor) or count.dim() != 0 or count.is_floating_point():
+            raise TypeError(f"{where}['count'] must be a 0-d integer tensor, got {count!r}")
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked first: a bad state changes nothing)."""
+        self.check_state(state)
         self._values = None if "values" not in state else state["values"].clone()
         self._count = None if "count" not in state else state["count"].clone()
 
@@ -211,6 +242,42 @@ class _StepBackup:
                 del st[k]
 
 
+class _BufferBackup:
+    """A copy of every buffer of the model (BatchNorm running statistics, ``num_batches_tracked``, any registered
+    buffer), refilled in place each step, so a step that is not applied leaves them exactly as they were."""
+
+    def __init__(self) -> None:
+        self.owners: list[tuple[nn.Module, str]] = []
+        self.sources: list[Tensor] = []
+        self.copies: list[Tensor] = []
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module) -> None:
+        owners: list[tuple[nn.Module, str]] = []
+        sources: list[Tensor] = []
+        for mod in model.modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None:
+                    owners.append((mod, name))
+                    sources.append(buf)
+        if len(self.copies) != len(sources) or any(
+            c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self.copies, sources)
+        ):
+            self.copies = [torch.empty_like(b) for b in sources]
+        if sources:
+            torch._foreach_copy_(self.copies, sources)
+        self.owners, self.sources = owners, sources
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (mod, name), src, saved in zip(self.owners, self.sources, self.copies):
+            current = getattr(mod, name, None)
+            if current is src:
+                src.copy_(saved)
+            else:  # the forward pass replaced the buffer object: put a copy of the saved value back
+                setattr(mod, name, saved.clone())
+
+
 def _to_cpu(obj: Any) -> Any:
     """A deep copy of a (nested) state_dict with every tensor cloned to CPU memory."""
     if isinstance(obj, Tensor):
@@ -226,41 +293,50 @@ class Guard:
     """A guarded training step: clip, check, and never let a non-finite value into the weights.
 
     Args:
-        model: the module being trained (its parameters are clipped and checked).
+        model: the module being trained (its parameters are clipped and checked). Its trainable parameters
+            (``requires_grad=True``) must all be in ``optimizer``: pass the sub-module an optimizer trains.
         optimizer: its optimizer.
         clipper: a gradguard clipper (``gg.NormClip(1.0)``, ``gg.ZClip()``, ...); ``None`` checks without clipping.
         scaler: a ``torch.amp.GradScaler``: the loss is scaled for backward, ``unscale_`` is called exactly once
             per step before clipping, and ``update()`` after every step (skipped or not).
         scheduler: a learning-rate scheduler, stepped only after a good step.
         on_nonfinite: ``"skip"`` (default), ``"rollback"`` (restore the last snapshot; needs ``snapshot_every``),
-            ``"raise"`` (:class:`NonFiniteError`), or ``"warn"`` (skip with a warning).
-        max_consecutive_skips: more bad steps in a row than this raise :class:`TrainingDivergedError`.
+            ``"raise"`` (:class:`NonFiniteError`), or ``"warn"`` (skip with a warning). See
+            :class:`gradguard.policy.SkipPolicy`, shared with ``gg.attach`` and the callbacks.
+        max_consecutive_skips: more bad steps in a row than this raise :class:`TrainingDivergedError`; ``None``
+            never raises.
         snapshot_every: take a snapshot of model, optimizer, scaler, scheduler (and EMA) every this many good steps
-            (CPU memory by default); ``None`` takes none.
+            (CPU memory by default); ``None`` takes none. :meth:`load_state_dict` refreshes it.
         check_params_every: check the parameters for non-finite values after ``optimizer.step()`` every this many
             steps (``None``: never). Checked steps back the step up first, so a blown-up step is undone.
-        monitor: an object with ``record(stats, **fields)`` (``gg.Monitor``), called after every step.
+        monitor: an object with ``record(stats, **fields)`` (``gg.Monitor``), called after every step with the
+            step's 1-based number.
         spike_z: if set, a loss or gradient norm more than ``spike_z`` standard deviations above its rolling mean
             over ``spike_window`` steps is treated as a bad step (OLMo-core uses 6 over 128).
         ema: an ``torch.optim.swa_utils.AveragedModel`` (or anything with ``update_parameters(model)``) updated
             only after good steps.
         locate: replay bad steps under the op-level locator when a closure is available.
         snapshot_device: where snapshots live (``"cpu"``).
-        process_group: the group across which the skip decision is MAX-reduced when torch.distributed is
-            initialised (default: the world).
+        process_group: the group whose ranks hold disjoint gradients of one model (pipeline stages, experts):
+            gradient norms are reduced over it (it is set on the clipper). The skip decision is always MAX-reduced
+            over the whole world, so every rank skips together. The same meaning as in ``gg.attach`` and the
+            callbacks.
+        verbose: log the first bad step of each reason (with its diagnosis) and a summary every ``summary_every``
+            steps on the ``"gradguard"`` logger; ``False`` silences both.
+        summary_every: steps between those summaries.
 
     Example:
         >>> import torch, gradguard as gg
         >>> model = torch.nn.Linear(4, 1)
         >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        >>> guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0))
+        >>> guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), verbose=False)
         >>> x, y = torch.randn(8, 4), torch.randn(8, 1)
         >>> report = guard.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-        >>> report.skipped
-        False
+        >>> report.step, report.skipped
+        (1, False)
         >>> bad = guard.step(lambda: torch.nn.functional.mse_loss(model(x), y) * float("nan"))
-        >>> bad.skipped, bad.reason, guard.diagnosis.stage
-        (True, 'nonfinite_loss', 'forward')
+        >>> bad.step, bad.skipped, bad.reason, guard.diagnosis.stage
+        (2, True, 'nonfinite_loss', 'forward')
     """
 
     def __init__(
@@ -271,7 +347,7 @@ class Guard:
         scaler: torch.amp.GradScaler | None = None,
         scheduler: Any = None,
         on_nonfinite: str = "skip",
-        max_consecutive_skips: int = 10,
+        max_consecutive_skips: int | None = 10,
         snapshot_every: int | None = None,
         check_params_every: int | None = 1,
         monitor: _Recorder | None = None,
@@ -282,6 +358,8 @@ class Guard:
         locate: bool = True,
         snapshot_device: str | torch.device = "cpu",
         process_group: Any = None,
+        verbose: bool = True,
+        summary_every: int = 100,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -295,9 +373,7 @@ class Guard:
             raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
         if scheduler is not None and not hasattr(scheduler, "step"):
             raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
-        if on_nonfinite not in POLICIES:
-            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
-        self.max_consecutive_skips = check_int(max_consecutive_skips, "max_consecutive_skips", low=0)
+        policy = SkipPolicy(on_nonfinite, max_consecutive_skips, verbose=verbose, summary_every=summary_every)
         self.snapshot_every = None if snapshot_every is None else check_int(snapshot_every, "snapshot_every", low=1)
         if on_nonfinite == "rollback" and self.snapshot_every is None:
             raise ValueError('on_nonfinite="rollback" needs snapshots: pass snapshot_every=N (e.g. 100)')
@@ -307,47 +383,92 @@ class Guard:
         check_monitor(monitor)
         if ema is not None and not callable(getattr(ema, "update_parameters", None)):
             raise TypeError("ema must have update_parameters(model) (e.g. torch.optim.swa_utils.AveragedModel)")
+        check_process_group(process_group)
+        _check_ownership(model, optimizer)
+        loss_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
+        norm_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
+        if clipper is not None and process_group is not None:
+            clipper.set_process_group(process_group)
         self.model = model
         self.optimizer = optimizer
         self.clipper = clipper
         self.scaler = scaler
         self.scheduler = scheduler
-        self.on_nonfinite = on_nonfinite
+        self.policy = policy
         self.monitor = monitor
         self.ema = ema
         self.locate = locate
         self.snapshot_device = torch.device(snapshot_device)
         self.process_group = process_group
-        self._loss_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
-        self._norm_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
-        self.step_count = 0  # steps attempted
-        self.good_steps = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
+        self._loss_spikes = loss_spikes
+        self._norm_spikes = norm_spikes
         self.diagnosis: Diagnosis | None = None
         self._pending_loss: list[Tensor] = []
         self._backup = _StepBackup()
+        self._buffers = _BufferBackup()
+        self._buffers.capture(model)
         self._snapshot: dict[str, Any] | None = None
+        self._snapshot_due = False  # set by load_state_dict: refresh the snapshot before the next step
         if self.snapshot_every is not None:
             self.snapshot()
+
+    # ----------------------------------------------------------------------------- the policy's settings, counters
+    @property
+    def on_nonfinite(self) -> str:
+        """The policy: ``"skip"``, ``"rollback"``, ``"raise"`` or ``"warn"``."""
+        return self.policy.on_nonfinite
+
+    @property
+    def max_consecutive_skips(self) -> int | None:
+        """More bad steps in a row than this raise :class:`TrainingDivergedError` (``None``: no limit)."""
+        return self.policy.max_consecutive_skips
+
+    @property
+    def step_count(self) -> int:
+        """Steps attempted: the last step's number (steps are 1-based)."""
+        return self.policy.steps
+
+    @property
+    def good_steps(self) -> int:
+        """Steps applied."""
+        return self.policy.good_steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied (skipped, undone or rolled back)."""
+        return self.policy.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Bad steps in a row, up to the last one."""
+        return self.policy.consecutive_skips
 
     # ---------------------------------------------------------------------------------------------- public API
     def backward(self, loss: Tensor) -> None:
         """Backward ``loss`` (scaled when a GradScaler is given) and remember its finite flag for :meth:`step`.
 
-        May be called several times before :meth:`step` (gradient accumulation).
+        May be called several times before :meth:`step` (gradient accumulation). The buffers a step that is not
+        applied restores are those of the end of the previous :meth:`step` (or of construction): with this manual
+        convention the forward pass has run before the Guard sees the step. Prefer ``step(closure)``.
         """
-        if not isinstance(loss, Tensor):
-            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
-        if loss.numel() != 1:
-            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}; reduce it first")
+        self._check_loss(loss)
+        if not loss.requires_grad:
+            raise ValueError(
+                "loss does not require grad, so there is nothing to backward: was it computed under "
+                "torch.no_grad(), detached, or from frozen parameters only? Compute it from a forward pass through "
+                "the model's trainable parameters"
+            )
         self._pending_loss.append(loss.detach().reshape(()))
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()  # type: ignore[no-untyped-call]
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> StepReport:
-        """One guarded step. With ``closure`` (forward pass returning the loss) the Guard zeroes the gradients, runs
-        the closure and backward itself; without, call :meth:`backward` first."""
-        rng = None
+        """One guarded step.
+
+        With ``closure`` (the forward pass, returning the loss) the Guard zeroes the gradients, runs the closure,
+        and runs backward itself, unless the closure already did (a ``torch.optim``-style closure that calls
+        ``loss.backward()``: detected because the gradients are set when it returns). Without a closure, call
+        :meth:`backward` first.
+        """
         if closure is not None:
             if not callable(closure):
                 raise TypeError(
@@ -355,18 +476,29 @@ class Guard:
                 )
             if self._pending_loss:
                 raise RuntimeError("Guard.backward() was called before step(closure); use one way per step")
-            rng = _rng_state() if self.locate else None
-            self.optimizer.zero_grad(set_to_none=True)
-            self.backward(closure())
         elif not self._pending_loss:
             raise RuntimeError("Guard.step() without a closure needs Guard.backward(loss) first")
+        if self._snapshot_due:
+            self.snapshot()
+        rng = None
+        own_backward = False
+        if closure is not None:
+            rng = _rng_state() if self.locate else None
+            self._buffers.capture(self.model)
+            self.optimizer.zero_grad(set_to_none=True)
+            try:
+                own_backward = self._run_closure(closure)
+            except BaseException:
+                self._buffers.restore()  # a failed call leaves the buffers and gradients as they were
+                self.optimizer.zero_grad(set_to_none=True)
+                self._pending_loss = []
+                raise
         losses, self._pending_loss = self._pending_loss, []
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        self.step_count += 1
-        return self._step(loss, closure, rng)
+        return self._step(loss, closure, rng, own_backward)
 
     def snapshot(self) -> None:
-        """Take a snapshot now (model, optimizer, scaler, scheduler, EMA) for ``"rollback"``."""
+        """Take a snapshot now (model, optimizer, scaler, scheduler, EMA, clipper) for ``"rollback"``."""
         snap: dict[str, Any] = {
             "model": _to_cpu(self.model.state_dict()),
             "optimizer": _to_cpu(self.optimizer.state_dict()),
@@ -381,9 +513,14 @@ class Guard:
             snap["clipper"] = _to_cpu(self.clipper.state_dict())
         snap["step"] = self.good_steps
         self._snapshot = snap
+        self._snapshot_due = False
 
     def rollback(self) -> None:
-        """Restore the last snapshot (model, optimizer, scaler, scheduler, EMA, clipper state)."""
+        """Restore the last snapshot (model, optimizer, scaler, scheduler, EMA, clipper state).
+
+        After :meth:`load_state_dict` and before the next step, the snapshot is the resumed state itself."""
+        if self._snapshot_due:
+            self.snapshot()
         if self._snapshot is None:
             raise RuntimeError("no snapshot to roll back to: pass snapshot_every=N to Guard")
         snap = self._snapshot
@@ -399,29 +536,100 @@ class Guard:
             self.clipper.load_state_dict(snap["clipper"])
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and the clipper's and spike detectors' state (model/optimizer are checkpointed as usual)."""
+        """What the Guard needs to resume exactly; the model, optimizer, scheduler and scaler are checkpointed as
+        usual, by their own ``state_dict``.
+
+        ``{"policy": SkipPolicy.state_dict()`` (counters: ``steps``, ``good_steps``, ``skipped_steps``,
+        ``consecutive_skips``, ``skipped_by_reason``), ``"clipper": clipper.state_dict()`` (``{}`` without one),
+        ``"spikes": None`` without spike detection, else ``{"window": spike_window, "loss": ..., "norm": ...}``
+        (the two detectors' rolling windows)``}``. Snapshots are not saved: they are retaken on resume.
+        """
+        spikes = None
+        if self._loss_spikes is not None and self._norm_spikes is not None:
+            spikes = {"window": self._loss_spikes.window, "loss": self._loss_spikes.state_dict(),
+                      "norm": self._norm_spikes.state_dict()}
         return {
-            "step_count": self.step_count,
-            "good_steps": self.good_steps,
-            "skipped_steps": self.skipped_steps,
-            "consecutive_skips": self.consecutive_skips,
+            "policy": self.policy.state_dict(),
             "clipper": self.clipper.state_dict() if self.clipper is not None else {},
-            "loss_spikes": self._loss_spikes.state_dict() if self._loss_spikes else {},
-            "norm_spikes": self._norm_spikes.state_dict() if self._norm_spikes else {},
+            "spikes": spikes,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict`. Everything is checked first: a wrong state raises and changes nothing.
+
+        Resume in this order: load the model, optimizer (scheduler, scaler) states, then the Guard's. The rollback
+        snapshot is refreshed from the model and optimizer as they are at the next step (or at :meth:`rollback`),
+        so a rollback after resuming restores the resumed state or a later one, never the weights the Guard was
+        constructed with.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state must be a mapping (from Guard.state_dict()), got {type(state).__name__}")
+        expected = {"policy", "clipper", "spikes"}
+        if set(state) != expected:
+            raise ValueError(
+                f"Guard state does not match: missing {sorted(expected - set(state))}, unknown "
+                f"{sorted(set(state) - expected)}; pass what Guard.state_dict() returned"
+            )
+        policy = SkipPolicy.check_state(state["policy"], "state['policy']")
+        spikes = state["spikes"]
+        if self._loss_spikes is None or self._norm_spikes is None:
+            if spikes is not None:
+                raise ValueError("the state was saved by a Guard with spike detection (spike_z=...) but this Guard "
+                                 "has spike_z=None; construct it with the spike_z and spike_window of the run")
+        else:
+            if not isinstance(spikes, Mapping) or set(spikes) != {"window", "loss", "norm"}:
+                raise ValueError(
+                    "state['spikes'] must be {'window', 'loss', 'norm'} from a Guard with spike detection, got "
+                    f"{spikes!r}; construct the Guard with the spike_z of the run that saved it"
+                )
+            if spikes["window"] != self._loss_spikes.window:
+                raise ValueError(
+                    f"the state was saved with spike_window={spikes['window']!r} but this Guard has spike_window="
+                    f"{self._loss_spikes.window}; construct it with spike_window={spikes['window']!r}"
+                )
+            self._loss_spikes.check_state(spikes["loss"], "state['spikes']['loss']")
+            self._norm_spikes.check_state(spikes["norm"], "state['spikes']['norm']")
+        if not isinstance(state["clipper"], Mapping):
+            raise TypeError(f"state['clipper'] must be a mapping, got {type(state['clipper']).__name__}")
+        if self.clipper is None and state["clipper"]:
+            raise ValueError("the state holds a clipper's statistics but this Guard has no clipper; pass the "
+                             "clipper the run was saved with")
         if self.clipper is not None:
-            self.clipper.load_state_dict(state.get("clipper", {}))
-        for key in ("step_count", "good_steps", "skipped_steps", "consecutive_skips"):
-            setattr(self, key, check_int(state[key], key))
-        if self._loss_spikes is not None:
-            self._loss_spikes.load_state_dict(state.get("loss_spikes", {}))
-        if self._norm_spikes is not None:
-            self._norm_spikes.load_state_dict(state.get("norm_spikes", {}))
+            self.clipper.load_state_dict(state["clipper"])  # validates before it changes anything
+        # nothing below can fail
+        self.policy.apply_state(policy)
+        if self._loss_spikes is not None and self._norm_spikes is not None:
+            self._loss_spikes.load_state_dict(spikes["loss"])
+            self._norm_spikes.load_state_dict(spikes["norm"])
+        self._pending_loss = []
+        self._buffers.capture(self.model)
+        self._snapshot_due = self.snapshot_every is not None
 
     # ------------------------------------------------------------------------------------------------ internals
+    def _check_loss(self, loss: Any) -> None:
+        if not isinstance(loss, Tensor):
+            raise TypeError(f"loss must be a tensor, got {type(loss).__name__}")
+        if loss.numel() != 1:
+            raise ValueError(f"loss must be a scalar (one element), got shape {tuple(loss.shape)}; reduce it first")
+
+    def _run_closure(self, closure: Callable[[], Tensor]) -> bool:
+        """Run the closure (and backward unless it did); returns whether it called backward itself."""
+        with torch.enable_grad():
+            loss = closure()
+        self._check_loss(loss)
+        own_backward = any(p.grad is not None for p in self._params())  # host-side: no synchronisation
+        if not own_backward:
+            self.backward(loss)
+            return False
+        if self.scaler is not None and self.scaler.is_enabled():
+            raise RuntimeError(
+                "the closure called loss.backward() itself, but with a GradScaler the Guard must scale the loss "
+                "before backward: return the loss from the closure without calling backward() (the Guard runs "
+                "the scaled backward)"
+            )
+        self._pending_loss.append(loss.detach().reshape(()))
+        return True
+
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -434,22 +642,24 @@ class Guard:
             return
         self.scaler.unscale_(self.optimizer)
 
-    def _lr(self) -> float | None:
-        lr = self.optimizer.param_groups[0].get("lr")
-        return float(lr) if isinstance(lr, (int, float)) else None
-
-    def _step(self, loss: Tensor, closure: Callable[[], Tensor] | None, rng: Any) -> StepReport:
+    def _step(
+        self, loss: Tensor, closure: Callable[[], Tensor] | None, rng: Any, own_backward: bool
+    ) -> StepReport:
+        step = self.policy.start()
         if self.scaler is not None:
             self._unscale()
+        # statistics as they were: put back if the step is not applied (small device clones, no host read)
+        clipper_before = self.clipper.state_dict() if self.clipper is not None else None
+        spikes_before = [d.state_dict() for d in (self._loss_spikes, self._norm_spikes) if d is not None]
         with torch.no_grad():
             if self.clipper is not None:
                 stats = self.clipper(self.model)
             else:
                 grads = [i.grad for i in resolve_parameters(self.model)]
-                stats = ClipStats.unclipped(norm=norms.total_norm(grads, 2.0, check=False) if grads else None,
-                                            device=loss.device)
+                norm = norms.total_norm(grads, 2.0, check=False, process_group=self.process_group) if grads else None
+                stats = ClipStats.unclipped(norm=norm, device=loss.device)
             flags = [~torch.isfinite(loss), ~stats.finite]
-            check_params = self.check_params_every is not None and self.step_count % self.check_params_every == 0
+            check_params = self.check_params_every is not None and step % self.check_params_every == 0
             flags.append(torch.zeros((), dtype=torch.bool, device=loss.device))
             flags.append(self._loss_spikes(loss) if self._loss_spikes else torch.zeros_like(flags[0]))
             flags.append(self._norm_spikes(stats.norm) if self._norm_spikes else torch.zeros_like(flags[0]))
@@ -459,26 +669,43 @@ class Guard:
                 self.optimizer.step()
                 flags[2] = ~torch.isfinite(norms.total_norm([p.detach() for p in params], 2.0, check=False))
             decision = torch.stack([f.to(loss.device) for f in flags])
-            all_reduce_max_(decision, self.process_group)  # every rank takes the same decision
+            all_reduce_max_(decision)  # every rank of the world takes the same decision
             bad = decision.tolist()  # the step's one host read
         reason = next((r for r, b in zip(_REASONS, bad) if b), None)
+        error: Exception | None = None
         if reason is None:
             if not check_params:
                 self.optimizer.step()
             if self.scaler is not None:
                 self.scaler.update()
             self._commit()
-            report = StepReport(self.step_count, loss, stats, False, None, self._lr())
+            report = StepReport(step, loss, stats, False, None, learning_rate(self.optimizer))
         else:
+            blown: tuple[str, ...] = ()
             if check_params:
-                blown = self._nonfinite_names(grads=False) if reason == "nonfinite_params" else ()
+                blown = self._nonfinite_names(grads=False) if reason is Reason.NONFINITE_PARAMS else ()
                 self._backup.restore(self.optimizer)
-            report, error = self._bad_step(loss, stats, reason, closure, rng, blown if check_params else ())
+            diagnosis = self._diagnose(reason, closure, rng, blown, step, own_backward)
+            self.diagnosis = diagnosis
+            self._buffers.restore()  # the forward pass's BatchNorm statistics (and any buffer) are undone
+            if self.clipper is not None and clipper_before is not None:
+                self.clipper.load_state_dict(clipper_before)  # statistics commit only for applied steps
+            for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None),
+                                   spikes_before):
+                det.load_state_dict(before)
+            error = self.policy.reject(reason, diagnosis, stacklevel=3)  # points at the caller of guard.step
+            rolled_back = False
+            if error is None and self.on_nonfinite == "rollback":
+                self.rollback()
+                rolled_back = True
+            report = StepReport(step, loss, stats, True, reason.value, learning_rate(self.optimizer), diagnosis,
+                                rolled_back)
             if self.scaler is not None:
                 self.scaler.update()  # also before raising: the scaler must be ready for the next step
         if self.monitor is not None:  # before the gradients of a bad step are dropped: per-layer norms show them
             self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
                                 lr=report.lr, model=self.model, diagnosis=report.diagnosis, step=report.step)
+        self._buffers.capture(self.model)  # what a later manual-convention step (backward(), step()) restores
         if report.skipped:
             self.optimizer.zero_grad(set_to_none=True)  # a bad step's gradients never reach a later step
             if error is not None:
@@ -490,46 +717,20 @@ class Guard:
             self.scheduler.step()
         if self.ema is not None:
             self.ema.update_parameters(self.model)
-        self.good_steps += 1
-        self.consecutive_skips = 0
+        self.policy.accept()
         if self.snapshot_every is not None and self.good_steps % self.snapshot_every == 0:
             self.snapshot()
 
-    def _bad_step(
+    def _diagnose(
         self,
-        loss: Tensor,
-        stats: ClipStats,
-        reason: str,
+        reason: Reason,
         closure: Callable[[], Tensor] | None,
         rng: Any,
         blown: tuple[str, ...],
-    ) -> tuple[StepReport, Exception | None]:
-        """Diagnose and apply the policy; the error to raise (if any) is returned, raised once the step is closed."""
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        diagnosis = self._diagnose(reason, closure, rng, blown)
-        self.diagnosis = diagnosis
-        rolled_back = False
-        error: Exception | None = None
-        spike = reason.endswith("spike")
-        if self.on_nonfinite == "raise" and not spike:
-            error = NonFiniteError(diagnosis)
-        elif self.consecutive_skips > self.max_consecutive_skips:
-            error = TrainingDivergedError(
-                f"gradguard: {self.consecutive_skips} bad steps in a row (max_consecutive_skips="
-                f"{self.max_consecutive_skips}); skipping is not helping", diagnosis)
-        elif self.on_nonfinite == "rollback":
-            self.rollback()
-            rolled_back = True
-        elif self.on_nonfinite == "warn":
-            warnings.warn(str(diagnosis), RuntimeWarning, stacklevel=4)
-        return StepReport(self.step_count, loss, stats, True, reason, self._lr(), diagnosis, rolled_back), error
-
-    def _diagnose(
-        self, reason: str, closure: Callable[[], Tensor] | None, rng: Any, blown: tuple[str, ...]
+        step: int,
+        own_backward: bool,
     ) -> Diagnosis:
-        step = self.step_count
-        if reason == "loss_spike":
+        if reason is Reason.LOSS_SPIKE:
             return Diagnosis(
                 "forward", event="loss_spike", step=step,
                 cause="loss spike: the loss jumped far above its recent range (a bad batch or the start of an "
@@ -537,29 +738,30 @@ class Guard:
                 fix="the step was skipped; if spikes repeat, lower the learning rate, check the data at this step, "
                 "or clip more (lower max_norm)",
             )
-        if reason == "grad_norm_spike":
+        if reason is Reason.GRAD_NORM_SPIKE:
             return Diagnosis(
                 "backward", event="grad_norm_spike", step=step,
                 cause="exploding gradients: the gradient norm jumped far above its recent range",
                 fix="the step was skipped; clip gradients or lower max_norm (an adaptive clipper such as gg.ZClip "
                 "reacts to spikes), or lower the learning rate",
             )
-        if reason == "nonfinite_params":  # the weights the step would have made non-finite (it was undone)
+        if reason is Reason.NONFINITE_PARAMS:  # the weights the step would have made non-finite (it was undone)
             cause, fix = explain("step")
             return Diagnosis("step", parameters=blown, cause=cause, fix=fix, step=step)
         located = None
         if closure is not None and self.locate:
             after = _rng_state()
             if rng is not None:
-                _set_rng_state(rng)
+                _set_rng_state(rng)  # the replay draws the same random numbers (dropout masks) as the step
             scale = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else None
             try:
-                located = locate_nonfinite(closure, self.model, loss_scale=scale, step=step)
+                located = locate_nonfinite(closure, self.model, backward=not own_backward, loss_scale=scale,
+                                           step=step)
             finally:
-                _set_rng_state(after)
+                _set_rng_state(after)  # and the stream continues as if there had been no replay
         if located is not None:
             return located
-        if reason == "nonfinite_loss":
+        if reason is Reason.NONFINITE_LOSS:
             cause, fix = explain("forward")
             return Diagnosis("forward", parameters=self._nonfinite_names(grads=True), cause=cause, fix=fix, step=step)
         cause, fix = explain("backward", scaled=self.scaler is not None)
@@ -568,3 +770,23 @@ class Guard:
     def _nonfinite_names(self, *, grads: bool) -> tuple[str, ...]:
         """Parameters with a non-finite gradient (or value): the failure path, where a host read is fine."""
         return nonfinite_names([(n, p.grad if grads else p.detach()) for n, p in self.model.named_parameters()])
+
+
+def _check_ownership(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer must train every trainable parameter of the model, and there must be one."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(
+            f"model ({type(model).__name__}) has no trainable parameters: every parameter has requires_grad=False "
+            "(or it has none), so there is nothing to guard. Unfreeze what you train (p.requires_grad_(True)) or "
+            "pass the module that holds the trainable parameters"
+        )
+    owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    missing = [n for n, p in trainable if id(p) not in owned]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f", ... ({len(missing)} in all)" if len(missing) > 5 else "")
+        raise ValueError(
+            f"the optimizer does not own these trainable parameters of model: {shown}. The Guard clips and checks "
+            "model's parameters but steps the optimizer's: build the optimizer from model.parameters(), freeze "
+            "the others (requires_grad_(False)), or pass as model the sub-module this optimizer trains"
+        )

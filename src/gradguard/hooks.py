@@ -21,8 +21,6 @@ The same logic backs the Lightning and Hugging Face callbacks (:mod:`gradguard.i
 
 from __future__ import annotations
 
-import numbers
-import warnings
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -34,12 +32,10 @@ from torch import Tensor, nn
 from gradguard import distributed, norms
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
-from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain, nonfinite_names
+from gradguard.diagnose import Diagnosis, explain, nonfinite_names
+from gradguard.policy import Reason, SkipPolicy, check_process_group, learning_rate
 
 __all__ = ["AttachHandle", "StepGate", "attach", "skip_step_"]
-
-POLICIES = ("skip", "warn", "raise")
-
 
 def skip_step_(params: Iterable[Tensor]) -> None:
     """Make the next ``optimizer.step()`` a no-op for ``params`` by setting every ``.grad`` to ``None``.
@@ -61,17 +57,25 @@ def skip_step_(params: Iterable[Tensor]) -> None:
 class StepGate:
     """Clip, agree across ranks on whether the gradients are finite, and skip the step if not.
 
-    Shared by :func:`attach` and the Lightning / Hugging Face callbacks, so they behave alike.
+    Shared by :func:`attach` and the Lightning / Hugging Face callbacks, so they behave alike; what happens on a
+    bad step (counters, policy, errors, the report to the log, ``state_dict``) is the
+    :class:`~gradguard.policy.SkipPolicy` that :class:`gradguard.Guard` uses too.
 
     Args:
         clipper: a gradguard clipper, or ``None`` to check without clipping.
         on_nonfinite: ``"skip"`` (drop the step), ``"warn"`` (drop it with a warning), ``"raise"``
-            (:class:`~gradguard.NonFiniteError`, before the weights change).
+            (:class:`~gradguard.NonFiniteError`, before the weights change). ``"rollback"`` needs
+            :class:`gradguard.Guard`.
         max_consecutive_skips: more non-finite steps in a row than this raise
             :class:`~gradguard.TrainingDivergedError` (skipping is not helping); ``None`` never raises.
-        process_group: set on the clipper (see :meth:`gradguard.Clipper.set_process_group`): its ranks hold
-            disjoint gradients. The skip decision itself is always reduced over the whole world.
+        process_group: the group whose ranks hold disjoint gradients of one model (pipeline stages, experts): the
+            gradient norm is reduced over it (it is set on the clipper, see
+            :meth:`gradguard.Clipper.set_process_group`). The skip decision is always agreed over the whole world,
+            so no rank steps alone. The same meaning as :class:`gradguard.Guard`'s ``process_group``.
         norm_type: the norm checked when there is no clipper.
+        verbose: report the first skip of each kind and a summary every ``summary_every`` steps on the
+            ``"gradguard"`` logger (see :mod:`gradguard.policy`).
+        summary_every: steps between summaries.
     """
 
     def __init__(
@@ -81,35 +85,61 @@ class StepGate:
         max_consecutive_skips: int | None = 10,
         process_group: dist.ProcessGroup | None = None,
         norm_type: float = 2.0,
+        *,
+        verbose: bool = True,
+        summary_every: int = 100,
     ) -> None:
         if clipper is not None and not isinstance(clipper, Clipper):
             raise TypeError(
                 f"clipper must be a gradguard Clipper (e.g. gg.NormClip(1.0), gg.ZClip()) or None, got "
                 f"{type(clipper).__name__}"
             )
-        if on_nonfinite not in POLICIES:
-            hint = " ('rollback' needs snapshots: use gg.Guard)" if on_nonfinite == "rollback" else ""
-            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}{hint}")
-        if max_consecutive_skips is not None and (
-            isinstance(max_consecutive_skips, bool)
-            or not isinstance(max_consecutive_skips, numbers.Integral)
-            or max_consecutive_skips < 0
-        ):
-            raise ValueError(f"max_consecutive_skips must be an integer >= 0 or None, got {max_consecutive_skips!r}")
-        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
-            raise TypeError(f"process_group must be a torch.distributed.ProcessGroup or None, got {process_group!r}")
+        self.policy = SkipPolicy(on_nonfinite, max_consecutive_skips, verbose=verbose,
+                                 summary_every=summary_every, rollback=False)
+        check_process_group(process_group)
         if clipper is not None and process_group is not None:
             clipper.set_process_group(process_group)
         self.clipper = clipper
-        self.on_nonfinite = on_nonfinite
-        self.max_consecutive_skips = None if max_consecutive_skips is None else int(max_consecutive_skips)
         self.process_group = process_group
         self.norm_type = norm_type
-        self.steps = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
         self.last_stats: ClipStats | None = None
-        self.last_skipped = False
+        self.last_diagnosis: Diagnosis | None = None  # the last skipped step's
+
+    # the policy's settings and counters, readable here as before
+    @property
+    def on_nonfinite(self) -> str:
+        """The policy name."""
+        return self.policy.on_nonfinite
+
+    @property
+    def max_consecutive_skips(self) -> int | None:
+        """The consecutive-skip limit."""
+        return self.policy.max_consecutive_skips
+
+    @property
+    def steps(self) -> int:
+        """Steps attempted (the last step's 1-based number)."""
+        return self.policy.steps
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped."""
+        return self.policy.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Bad steps in a row, up to the last one."""
+        return self.policy.consecutive_skips
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was skipped."""
+        return self.policy.last_skipped
+
+    @property
+    def last_reason(self) -> Reason | None:
+        """Why the last step was skipped (``None``: it was not)."""
+        return self.policy.last_reason
 
     def __call__(self, parameters: Parameters, step_params: Iterable[Tensor]) -> ClipStats:
         """Run on ``parameters`` (clip and check); on a non-finite step skip it for ``step_params``."""
@@ -123,30 +153,19 @@ class StepGate:
                 stats = ClipStats.unclipped(norm=total)
         bad = distributed.any_across_ranks(~stats.finite)
         skipped = bool(bad)  # the one host read per step: deciding to skip needs it
-        self.steps += 1
+        step = self.policy.start()
         self.last_stats = stats
-        self.last_skipped = skipped
         if not skipped:
-            self.consecutive_skips = 0
+            self.policy.accept()
             return stats
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        diagnosis = self._diagnosis(infos)
-        if self.on_nonfinite == "raise":
-            raise NonFiniteError(diagnosis)
-        limit = self.max_consecutive_skips
-        if limit is not None and self.consecutive_skips > limit:
-            raise TrainingDivergedError(
-                f"gradguard: {self.consecutive_skips} non-finite steps in a row (max_consecutive_skips={limit}); "
-                "skipping is not helping",
-                diagnosis,
-            )
-        if self.on_nonfinite == "warn":
-            warnings.warn(f"gradguard skipped step {self.steps - 1}: non-finite gradients\n{diagnosis}", stacklevel=3)
+        self.last_diagnosis = self._diagnosis(infos, step)
+        error = self.policy.reject(Reason.NONFINITE_GRAD, self.last_diagnosis, stacklevel=3)
+        if error is not None:
+            raise error
         skip_step_(step_params)
         return stats
 
-    def _diagnosis(self, infos: list[Any]) -> Diagnosis:
+    def _diagnosis(self, infos: list[Any], step: int | None = None) -> Diagnosis:
         # local shards only: this runs on the error path and must issue no collective
         bad = nonfinite_names([(i.name, i.grad) for i in infos])
         if bad:
@@ -154,17 +173,28 @@ class StepGate:
         else:
             cause = "another rank's gradients were non-finite; every rank skips the step so they stay in agreement"
             fix = "look at the first rank that reported non-finite gradients"
-        return Diagnosis("backward", parameters=tuple(bad), cause=cause, fix=fix, step=self.steps - 1)
+        return Diagnosis("backward", parameters=tuple(bad), cause=cause, fix=fix,
+                         step=self.policy.steps if step is None else step)
 
-    def state_dict(self) -> dict[str, int]:
-        """Counters, for resuming (the clipper's state is saved by the clipper)."""
-        return {"steps": self.steps, "skipped_steps": self.skipped_steps, "consecutive_skips": self.consecutive_skips}
+    def state_dict(self) -> dict[str, Any]:
+        """``{"policy": SkipPolicy.state_dict(), "clipper": clipper.state_dict() or {}}``, for resuming."""
+        return {"policy": self.policy.state_dict(),
+                "clipper": self.clipper.state_dict() if self.clipper is not None else {}}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.steps = int(state["steps"])
-        self.skipped_steps = int(state["skipped_steps"])
-        self.consecutive_skips = int(state["consecutive_skips"])
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`. Everything is checked before anything is applied."""
+        if not isinstance(state, Mapping) or set(state) != {"policy", "clipper"}:
+            raise ValueError(
+                "the step gate's state must be {'policy': ..., 'clipper': ...} as returned by state_dict(), got "
+                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+            )
+        values = SkipPolicy.check_state(state["policy"], "state_dict['policy']")
+        if self.clipper is not None:
+            self.clipper.load_state_dict(state["clipper"])  # validates before it changes anything
+        elif state["clipper"]:
+            raise ValueError("the state holds a clipper's statistics but this gate has no clipper; pass the clipper "
+                             "the checkpoint was saved with")
+        self.policy.apply_state(values)
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[Tensor]:
@@ -229,11 +259,10 @@ class AttachHandle:
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         assert self._monitor is not None
-        lr = optimizer.param_groups[0].get("lr")
+        reason = self.gate.last_reason
         self._monitor.record(self.gate.last_stats, skipped=self.gate.last_skipped,
-                             reason="nonfinite_grad" if self.gate.last_skipped else None,
-                             lr=lr if isinstance(lr, (float, int, Tensor)) and not isinstance(lr, bool) else None,
-                             model=self._model)
+                             reason=None if reason is None else reason.value, lr=learning_rate(optimizer),
+                             model=self._model, step=self.gate.steps)
 
     def remove(self) -> None:
         """Detach from the optimizer: later steps run unclipped and unchecked. Idempotent."""
@@ -268,6 +297,7 @@ def attach(
     max_consecutive_skips: int | None = 10,
     process_group: dist.ProcessGroup | None = None,
     monitor: Any | None = None,
+    verbose: bool = True,
 ) -> AttachHandle:
     r"""Clip and guard every ``optimizer.step()`` through a step pre-hook; ``handle.remove()`` undoes it.
 
@@ -282,8 +312,10 @@ def attach(
             for parameter names (AdaGC, AGC's ``exclude``) and module types (AGC with ConvTranspose).
         on_nonfinite: ``"skip"``, ``"warn"`` (skip with a warning) or ``"raise"`` (:class:`~gradguard.NonFiniteError`).
         max_consecutive_skips: more skipped steps in a row than this raise :class:`~gradguard.TrainingDivergedError`.
-        process_group: a group whose ranks hold disjoint gradients (pipeline stages): set on the clipper.
-        monitor: a :class:`gradguard.Monitor`, recorded after every step.
+        process_group: the group whose ranks hold disjoint gradients (pipeline stages, experts): norms are reduced
+            over it (set on the clipper); the skip decision is always agreed over the whole world.
+        monitor: a :class:`gradguard.Monitor`, recorded after every step (with its 1-based step number).
+        verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
 
     Not for steps called with a closure (the hook runs before the closure): see the module docstring.
 
@@ -310,7 +342,7 @@ def attach(
         if not isinstance(parameters, (nn.Module, Tensor, Mapping)):
             parameters = list(parameters)  # a generator such as model.parameters() is read once per step
         resolve_parameters(parameters, with_grad=False)  # checked now, not at the first step
-    gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+    gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
     handle = AttachHandle(optimizer, gate, parameters, monitor)
     _ATTACHED[optimizer] = handle
     return handle

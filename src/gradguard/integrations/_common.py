@@ -8,9 +8,44 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard.clippers.base import ClipStats, Parameters
+from gradguard.clippers.base import Clipper, ClipStats, Parameters
+from gradguard.hooks import StepGate
+from gradguard.policy import learning_rate
 
-__all__ = ["clip_target", "scalar_stats"]
+__all__ = ["GateCallback", "clip_target", "scalar_stats"]
+
+
+class GateCallback:
+    """What the Lightning and Hugging Face callbacks share: the :class:`~gradguard.hooks.StepGate` (clipper and skip
+    policy), its checkpoint, and the record handed to a monitor."""
+
+    gate: StepGate
+    monitor: Any
+
+    @property
+    def clipper(self) -> Clipper | None:
+        """The clipping strategy (``None``: check only)."""
+        return self.gate.clipper
+
+    def state_dict(self) -> dict[str, Any]:
+        """The skip policy's counters and the clipper's statistics (:meth:`gradguard.hooks.StepGate.state_dict`),
+        saved in the trainer's checkpoints."""
+        return self.gate.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checked first: a bad state changes nothing)."""
+        self.gate.load_state_dict(state_dict)
+
+    def _record(self, optimizer: Any, model: Any, loss: Tensor | None = None) -> None:
+        """Hand the last step to the monitor, with the policy's 1-based step number."""
+        if self.monitor is None:
+            return
+        reason = self.gate.last_reason
+        self.monitor.record(
+            self.gate.last_stats, loss=loss, skipped=self.gate.last_skipped,
+            reason=None if reason is None else reason.value, lr=learning_rate(optimizer),
+            model=model if isinstance(model, nn.Module) else None, step=self.gate.steps,
+        )
 
 
 def clip_target(model: nn.Module | None, params: list[Tensor]) -> Parameters:

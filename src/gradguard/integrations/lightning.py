@@ -15,8 +15,9 @@ its own clipping, then the optimizer's update. The callback acts in ``on_before_
 2. agree on the finite flag across ranks (one MAX all-reduce under DDP/FSDP; none in a single process), so every
    rank skips the same steps and DDP never hangs on a step only one rank took (Lightning #5243);
 3. skip a non-finite step by setting every gradient of that optimizer to ``None``: the update that follows inside
-   the same closure-driven ``optimizer.step`` changes nothing (weights, moments and step counts stay as they were);
-   a ``GradScaler`` still sees its overflow and lowers the scale;
+   the same closure-driven ``optimizer.step`` changes nothing (weights, moments and step counts stay as they were),
+   and the module's buffers (BatchNorm's running statistics, any registered buffer), copied before the step's first
+   forward pass, are put back; a ``GradScaler`` still sees its overflow and lowers the scale;
 4. log ``gradguard/norm``, ``/threshold``, ``/coef``, ``/clipped``, ``/skipped`` through ``pl_module.log_dict``, so
    they reach the LightningModule's logger at its ``log_every_n_steps``.
 
@@ -38,9 +39,10 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper
+from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
-from gradguard.integrations._common import clip_target, scalar_stats
+from gradguard.integrations._common import GateCallback, clip_target, first, scalar_stats
 
 __all__ = ["GradGuardCallback"]
 
@@ -63,7 +65,7 @@ else:
     _Base = type("_Base", _callback_bases(), {})
 
 
-class GradGuardCallback(_Base):
+class GradGuardCallback(GateCallback, _Base):
     """Clip with a gradguard strategy and skip non-finite steps, inside Lightning's optimizer step.
 
     Args:
@@ -73,9 +75,12 @@ class GradGuardCallback(_Base):
             (:class:`gradguard.NonFiniteError`, before the weights change).
         monitor: a :class:`gradguard.Monitor`, recorded at the end of every batch that took an optimizer step.
         max_consecutive_skips: more skipped steps in a row than this raise :class:`gradguard.TrainingDivergedError`.
-        process_group: a group whose ranks hold disjoint gradients (pipeline stages), set on the clipper.
-        log: log the step's stats through ``pl_module.log_dict`` (on step, to the module's logger).
+        process_group: the group whose ranks hold disjoint gradients (pipeline stages, experts): norms are reduced
+            over it (set on the clipper); the skip decision is always agreed over the whole world.
+        log: log the step's stats through ``pl_module.log_dict`` (on step, to the module's logger; nothing is
+            logged under ``Trainer(logger=False)``).
         prefix: the logged keys' prefix.
+        verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
 
     The clipper's state and the skip counters are saved in Lightning checkpoints (``state_dict``).
 
@@ -96,21 +101,19 @@ class GradGuardCallback(_Base):
         process_group: dist.ProcessGroup | None = None,
         log: bool = True,
         prefix: str = "gradguard/",
+        verbose: bool = True,
     ) -> None:
         super().__init__()
         check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
         self.monitor = monitor
         self.log = bool(log)
         self.prefix = prefix
         self._stepped = False
-
-    @property
-    def clipper(self) -> Clipper | None:
-        """The clipping strategy (``None``: check only)."""
-        return self.gate.clipper
+        self._buffers = _BufferBackup()
+        self._window_open = True  # the next batch starts an optimizer step: copy the buffers before its forward
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         """Refuse double clipping before training starts."""
@@ -128,9 +131,18 @@ class GradGuardCallback(_Base):
         model = pl_module if isinstance(pl_module, nn.Module) else None
         stats = self.gate(clip_target(model, params), params)
         self._stepped = True
-        if self.log and hasattr(pl_module, "log_dict"):
+        if self.gate.last_skipped and model is not None and not self._window_open:
+            self._buffers.restore()  # BatchNorm statistics (any buffer) as before this step's forward passes
+        self._window_open = True
+        if self.log and hasattr(pl_module, "log_dict") and getattr(trainer, "logger", None) is not None:
             values = scalar_stats(stats, self.gate.last_skipped, self.prefix)
             pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        """Copy the module's buffers before the first forward pass of an optimizer step (they are small)."""
+        if self._window_open and isinstance(pl_module, nn.Module):
+            self._buffers.capture(pl_module)
+            self._window_open = False
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Record the step in the monitor (gradients are still set here; the update has been applied)."""
@@ -138,24 +150,5 @@ class GradGuardCallback(_Base):
             return
         self._stepped = False
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        lr = None
-        opts = getattr(trainer, "optimizers", None) or []
-        if opts:
-            value = opts[0].param_groups[0].get("lr")
-            lr = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-        self.monitor.record(
-            self.gate.last_stats, loss=loss.detach() if isinstance(loss, Tensor) else None,
-            skipped=self.gate.last_skipped, reason="nonfinite_grad" if self.gate.last_skipped else None, lr=lr,
-            model=pl_module if isinstance(pl_module, nn.Module) else None, step=int(trainer.global_step) - 1,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The clipper's state and the skip counters, for Lightning checkpoints."""
-        clipper = self.gate.clipper
-        return {"gate": self.gate.state_dict(), "clipper": clipper.state_dict() if clipper is not None else {}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.gate.load_state_dict(state_dict["gate"])
-        if self.gate.clipper is not None:
-            self.gate.clipper.load_state_dict(state_dict["clipper"])
+        self._record(first(getattr(trainer, "optimizers", None) or []), pl_module,
+                     loss.detach() if isinstance(loss, Tensor) else None)

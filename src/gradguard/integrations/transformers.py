@@ -7,17 +7,22 @@ r"""Hugging Face ``Trainer``: ``GradGuardCallback`` clips with any gradguard str
     from gradguard.integrations.transformers import GradGuardCallback
 
     args = TrainingArguments(..., max_grad_norm=0)          # the Trainer must not clip too (its default is 1.0)
-    trainer = Trainer(model, args, ..., callbacks=[GradGuardCallback(gg.ZClip())])
+    trainer = Trainer(model, args, ...)
+    GradGuardCallback(gg.ZClip()).bind(trainer)     # decide before the Trainer's norm pass (see bind)
 
 How it fits the Trainer's step. After the last micro-batch's backward the Trainer clips (``max_grad_norm > 0``),
 computes its ``grad_norm`` (unscaling fp16 gradients through accelerate on the way), then calls
-``on_pre_optimizer_step``, then ``optimizer.step()``. The callback acts in ``on_pre_optimizer_step``:
+``on_pre_optimizer_step``, then ``optimizer.step()``. A callback added with ``callbacks=[...]`` acts in
+``on_pre_optimizer_step``; one that is also bound (:meth:`GradGuardCallback.bind`) acts in place of the Trainer's
+norm pass, on the gradients as backward left them. Either way:
 
 1. clip with the chosen strategy (gradients are unscaled by then);
 2. agree on the finite flag across ranks (one MAX all-reduce when ``torch.distributed`` is initialised), so every
    rank skips the same steps;
 3. skip a non-finite step by setting every gradient of the optimizer to ``None``: ``optimizer.step()`` then changes
-   no weight, moment or step count. The Trainer still counts the step (``global_step``, the learning-rate schedule);
+   no weight, moment or step count, and the model's buffers (BatchNorm's running statistics, any registered buffer),
+   copied in ``on_step_begin``, are put back. The Trainer still counts the step (``global_step``, the learning-rate
+   schedule);
 4. accumulate the norm statistics on the device and add them to the Trainer's logs at each logging step:
    ``gradguard/norm_mean`` and ``/norm_max`` (over the finite steps since the last log), ``/clip_rate``,
    ``/skipped`` (steps skipped since the last log), ``/skipped_total`` and ``/threshold`` (the last one). They go
@@ -39,9 +44,10 @@ from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats
+from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
-from gradguard.integrations._common import clip_target
+from gradguard.integrations._common import GateCallback, clip_target
 
 __all__ = ["GradGuardCallback"]
 
@@ -51,7 +57,7 @@ else:
     _Base = require("transformers", "transformers", "gradguard.integrations.transformers").TrainerCallback
 
 
-class GradGuardCallback(_Base):
+class GradGuardCallback(GateCallback, _Base):
     """Clip with a gradguard strategy and skip non-finite steps in the Hugging Face ``Trainer``.
 
     Args:
@@ -61,8 +67,12 @@ class GradGuardCallback(_Base):
             (:class:`gradguard.NonFiniteError`, before the weights change).
         monitor: a :class:`gradguard.Monitor`, recorded after every optimizer step.
         max_consecutive_skips: more skipped steps in a row than this raise :class:`gradguard.TrainingDivergedError`.
-        process_group: a group whose ranks hold disjoint gradients (pipeline stages), set on the clipper.
+        process_group: the group whose ranks hold disjoint gradients (pipeline stages, experts): norms are reduced
+            over it (set on the clipper); the skip decision is always agreed over the whole world.
         prefix: the prefix of the keys added to the Trainer's logs.
+        verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
+
+    The clipper's state and the skip counters are :meth:`state_dict` / :meth:`load_state_dict`.
 
     Example:
         >>> import gradguard as gg
@@ -80,19 +90,19 @@ class GradGuardCallback(_Base):
         max_consecutive_skips: int | None = 10,
         process_group: dist.ProcessGroup | None = None,
         prefix: str = "gradguard/",
+        verbose: bool = True,
     ) -> None:
         check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group)
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
         self.monitor = monitor
         self.prefix = prefix
+        self._armed = False  # between on_step_begin and on_pre_optimizer_step
+        self._decided: ClipStats | None = None  # this step's decision, once taken
+        self._buffers = _BufferBackup()
+        self._captured = False
         self._reset_window()
-
-    @property
-    def clipper(self) -> Clipper | None:
-        """The clipping strategy (``None``: check only)."""
-        return self.gate.clipper
 
     def _reset_window(self) -> None:
         self._n = 0
@@ -118,16 +128,89 @@ class GradGuardCallback(_Base):
         """Refuse double clipping before the first step (for a callback added after the Trainer was built)."""
         self._check(args)
 
+    def bind(self, trainer: Any) -> Any:
+        """Decide before the Trainer touches the gradients; returns ``trainer``.
+
+        Unbound, the callback acts in ``on_pre_optimizer_step``, *after* the Trainer's gradient-norm pass:
+        ``accelerator.clip_grad_norm_(params, max_grad_norm)``, or with ``max_grad_norm=0`` the same call with
+        ``inf`` to measure the norm. With one infinite gradient that pass computes ``inf / inf`` and multiplies every
+        gradient by NaN, so the callback sees (and its diagnosis names) every parameter instead of the one that
+        overflowed, and with a clipper the gradients are read and rewritten once more than needed.
+
+        Bound, the callback takes that pass over (on this Trainer's accelerator only, during the optimizer step of
+        a training step): it clips with its strategy, decides, and skips first, on the gradients as backward left
+        them; it then hands its norm to the Trainer (which logs it as ``grad_norm``) instead of the measuring pass,
+        so there is no extra pass. With ``clipper=None`` and ``max_grad_norm > 0`` the Trainer's own clipping runs
+        after the decision, on finite gradients only. The callback is added to the Trainer if it is not there.
+        Gradients on several device meshes (the Trainer's mixed-mesh path) do not go through the accelerator: there
+        the callback still decides in ``on_pre_optimizer_step``. Not supported (``ValueError``): fp16 with a
+        GradScaler, DeepSpeed, XLA and FSDP1, where accelerate's pass also unscales or reduces the gradients.
+        """
+        accelerator: Any = getattr(trainer, "accelerator", None)
+        original = getattr(accelerator, "clip_grad_norm_", None)
+        handler = getattr(trainer, "callback_handler", None)
+        if not callable(original) or handler is None:
+            raise TypeError(
+                f"bind expects a transformers.Trainer (with an accelerator and callbacks), got {type(trainer).__name__}"
+            )
+        kind = str(getattr(accelerator, "distributed_type", "NO")).rsplit(".", 1)[-1]
+        fsdp1 = kind == "FSDP" and not getattr(accelerator, "is_fsdp2", False)
+        if kind in ("DEEPSPEED", "XLA") or fsdp1 or getattr(accelerator, "scaler", None) is not None:
+            what = "a GradScaler (fp16 mixed precision)" if getattr(accelerator, "scaler", None) is not None else kind
+            raise ValueError(
+                f"bind does not support {what}: there the Trainer's norm pass also unscales or reduces the gradients "
+                "in its own way. Use the callback unbound (Trainer(..., callbacks=[cb])): it then decides in "
+                "on_pre_optimizer_step"
+            )
+        if getattr(original, "__gradguard__", None) is not None:
+            raise ValueError("this Trainer is already bound to a GradGuardCallback; bind one callback per Trainer")
+        if self not in handler.callbacks:
+            trainer.add_callback(self)
+
+        def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2, **kw: Any) -> Any:
+            if not self._armed or not getattr(accelerator, "sync_gradients", True):
+                return original(parameters, max_norm, norm_type, **kw)
+            stats = self._decide(trainer.model, trainer.optimizer)
+            if math.isinf(max_norm) or self.gate.last_skipped:
+                return stats.norm  # the measuring pass is the gate's own; a skipped step has nothing left to clip
+            return original(parameters, max_norm, norm_type, **kw)  # clipper=None: the Trainer clips, on finite grads
+
+        clip_grad_norm_.__gradguard__ = self  # type: ignore[attr-defined]
+        accelerator.clip_grad_norm_ = clip_grad_norm_
+        return trainer
+
+    def on_step_begin(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        """A new optimizer step: the decision is still to be taken; the model's buffers are copied before its
+        first forward pass (they are small), to be put back if the step is skipped."""
+        self._armed = True
+        self._decided = None
+        self._captured = isinstance(model, nn.Module)
+        if model is not None and self._captured:
+            self._buffers.capture(model)
+
     def on_pre_optimizer_step(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None,
         **kwargs: Any,
     ) -> None:
-        """Clip, agree across ranks, and skip a non-finite step."""
+        """Clip, agree across ranks, and skip a non-finite step (unless the bound pass already did)."""
         if optimizer is None:
             raise RuntimeError("GradGuardCallback needs the Trainer's optimizer in on_pre_optimizer_step")
-        params = optimizer_parameters(optimizer)
-        stats = self.gate(clip_target(model, params), params)
-        self._accumulate(stats)
+        self._decide(model, optimizer)
+        self._armed = False
+        self._decided = None
+
+    def _decide(self, model: nn.Module | None, optimizer: Any) -> ClipStats:
+        """The step's one decision (taken at most once per optimizer step)."""
+        if self._decided is None:
+            params = optimizer_parameters(optimizer)
+            self._decided = self.gate(clip_target(model, params), params)
+            self._accumulate(self._decided)
+            if self.gate.last_skipped and self._captured:
+                self._buffers.restore()  # BatchNorm statistics (any buffer) as before the step's forward passes
+            self._captured = False
+        return self._decided
 
     def _accumulate(self, stats: ClipStats) -> None:
         norm = stats.norm.detach().float()
@@ -148,15 +231,7 @@ class GradGuardCallback(_Base):
         **kwargs: Any,
     ) -> None:
         """Record the step in the monitor (after the update, gradients still set)."""
-        if self.monitor is None:
-            return
-        lr = optimizer.param_groups[0].get("lr") if optimizer is not None else None
-        self.monitor.record(
-            self.gate.last_stats, skipped=self.gate.last_skipped,
-            reason="nonfinite_grad" if self.gate.last_skipped else None,
-            lr=lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None,
-            model=model, step=int(state.global_step),
-        )
+        self._record(optimizer, model)
 
     def summary(self) -> dict[str, float]:
         """The statistics since the last log, read on the host (one synchronisation)."""
@@ -184,14 +259,3 @@ class GradGuardCallback(_Base):
         if history and history[-1].get("step") == state.global_step and "loss" in history[-1]:
             history[-1].update(values)
         self._reset_window()
-
-    def state_dict(self) -> dict[str, Any]:
-        """The clipper's state and the skip counters."""
-        clipper = self.gate.clipper
-        return {"gate": self.gate.state_dict(), "clipper": clipper.state_dict() if clipper is not None else {}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
-        self.gate.load_state_dict(state_dict["gate"])
-        if self.gate.clipper is not None:
-            self.gate.clipper.load_state_dict(state_dict["clipper"])

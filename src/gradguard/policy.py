@@ -1,0 +1,257 @@
+"""The one skip policy shared by :class:`gradguard.Guard`, :func:`gradguard.attach` and the trainer callbacks.
+
+A :class:`SkipPolicy` owns everything about *what happens* on a bad step — the step counters, the policy name, the
+consecutive-skip limit, the errors, the report to the log — while its owner decides *whether* a step is bad and
+applies the skip. So the Guard, ``gg.attach``, and the Lightning and Hugging Face callbacks take the same arguments,
+raise the same errors, number steps the same way and checkpoint the same ``state_dict``.
+
+Step numbering: steps are 1-based. :meth:`SkipPolicy.start` is called once per optimizer step attempted, before
+anything is decided, and returns the step's number: step 1 is the first step attempted (skipped or not). The Guard's
+:class:`~gradguard.StepReport`, its :class:`~gradguard.Diagnosis` and what is passed to a monitor all use it.
+
+Speaking up: unless ``verbose=False``, the first bad step for each :class:`Reason` is logged at ``WARNING`` on the
+``"gradguard"`` logger with its diagnosis, and every ``summary_every`` steps a one-line summary of the bad steps
+since the last summary follows (none when there were none). Python's logging prints warnings to stderr even when
+nothing is configured, so a default ``on_nonfinite="skip"`` is never silent. ``on_nonfinite="warn"`` additionally
+issues a :class:`RuntimeWarning` for every bad step.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import warnings
+from collections.abc import Mapping
+from enum import Enum
+from typing import Any
+
+import torch.distributed as dist
+from torch import Tensor
+
+from gradguard.clippers.state import check_int
+from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError
+
+__all__ = ["POLICIES", "Reason", "SkipPolicy", "check_process_group", "learning_rate"]
+
+POLICIES = ("skip", "rollback", "raise", "warn")
+
+logger = logging.getLogger("gradguard")
+
+
+class Reason(str, Enum):
+    """Why a step was not applied. A ``str`` enum: ``Reason.NONFINITE_GRAD == "nonfinite_grad"``.
+
+    The order is the order in which the Guard reads its flags (the first that is set names the step).
+    """
+
+    NONFINITE_LOSS = "nonfinite_loss"
+    NONFINITE_GRAD = "nonfinite_grad"
+    NONFINITE_PARAMS = "nonfinite_params"
+    LOSS_SPIKE = "loss_spike"
+    GRAD_NORM_SPIKE = "grad_norm_spike"
+
+    @property
+    def is_spike(self) -> bool:
+        """A spike (finite but far above its recent range): skipped, never raised as non-finite."""
+        return self in (Reason.LOSS_SPIKE, Reason.GRAD_NORM_SPIKE)
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+_COUNTERS = ("steps", "good_steps", "skipped_steps", "consecutive_skips")
+
+
+def learning_rate(optimizer: Any) -> float | None:
+    """The first parameter group's learning rate as a host float, or ``None`` when there is none.
+
+    A tensor learning rate is read only when it lives on the CPU (no device synchronisation)."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups:
+        return None
+    lr = groups[0].get("lr")
+    if isinstance(lr, Tensor):
+        return float(lr) if lr.device.type == "cpu" and lr.numel() == 1 else None
+    if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
+        return float(lr)
+    return None
+
+
+def check_max_consecutive_skips(value: Any) -> int | None:
+    """``None`` (never give up) or an integer >= 0."""
+    if value is None:
+        return None
+    return check_int(value, "max_consecutive_skips (an integer >= 0, or None for no limit)", low=0)
+
+
+def check_process_group(group: Any) -> None:
+    """``None`` or a ``torch.distributed.ProcessGroup``.
+
+    One meaning everywhere (Guard, ``gg.attach``, the callbacks): the group whose ranks hold *disjoint* gradients of
+    one model (pipeline stages, experts); gradient norms are reduced over it. The skip decision is always agreed over
+    the whole world, so no rank ever steps alone."""
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.new_group(ranks)) or None, got "
+            f"{type(group).__name__}"
+        )
+
+
+class SkipPolicy:
+    """What to do about bad steps, and the counters that say how many there were.
+
+    Args:
+        on_nonfinite: ``"skip"`` (drop the step and continue), ``"rollback"`` (drop it and restore the last
+            snapshot: only where the owner keeps snapshots, i.e. :class:`gradguard.Guard` with ``snapshot_every``),
+            ``"raise"`` (:class:`~gradguard.NonFiniteError` for a non-finite step; spikes are skipped), ``"warn"``
+            (skip with a :class:`RuntimeWarning` carrying the diagnosis).
+        max_consecutive_skips: more bad steps in a row than this raise :class:`~gradguard.TrainingDivergedError`
+            (skipping is not helping); ``None`` never raises.
+        verbose: log the first bad step of each :class:`Reason` and a summary every ``summary_every`` steps
+            (``False``: silent, apart from the ``"warn"`` policy's warnings).
+        summary_every: steps between summaries.
+        rollback: whether the owner can roll back (``"rollback"`` is refused otherwise, naming :class:`gg.Guard`).
+    """
+
+    def __init__(
+        self,
+        on_nonfinite: str = "skip",
+        max_consecutive_skips: int | None = 10,
+        *,
+        verbose: bool = True,
+        summary_every: int = 100,
+        rollback: bool = True,
+    ) -> None:
+        if not isinstance(on_nonfinite, str) or on_nonfinite not in POLICIES:
+            raise ValueError(f"on_nonfinite must be one of {POLICIES}, got {on_nonfinite!r}")
+        if on_nonfinite == "rollback" and not rollback:
+            raise ValueError(
+                "on_nonfinite='rollback' needs snapshots of the model and optimizer: use "
+                "gg.Guard(model, optimizer, on_nonfinite='rollback', snapshot_every=N), or pick 'skip', 'warn' or "
+                "'raise' here"
+            )
+        if not isinstance(verbose, bool):
+            raise TypeError(f"verbose must be a bool, got {verbose!r}")
+        self.on_nonfinite = on_nonfinite
+        self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
+        self.verbose = verbose
+        self.summary_every = check_int(summary_every, "summary_every", low=1)
+        self.steps = 0
+        self.good_steps = 0
+        self.skipped_steps = 0
+        self.consecutive_skips = 0
+        self.skipped_by_reason: dict[str, int] = {r.value: 0 for r in Reason}
+        self.last_skipped = False
+        self.last_reason: Reason | None = None
+        self._reported: set[str] = set()  # reasons already reported in full (not checkpointed: a new run reports)
+        self._since_summary: dict[str, int] = {}
+        self._summary_start = 1
+
+    # ------------------------------------------------------------------------------------------------ the step
+    def start(self) -> int:
+        """A step is being attempted: returns its (1-based) number."""
+        self.steps += 1
+        return self.steps
+
+    def accept(self) -> None:
+        """The step was applied."""
+        self.good_steps += 1
+        self.consecutive_skips = 0
+        self.last_skipped = False
+        self.last_reason = None
+        self._maybe_summarize()
+
+    def reject(self, reason: Reason | str, diagnosis: Diagnosis, *, stacklevel: int = 2) -> Exception | None:
+        """The step was not applied for ``reason``: count it, report it, and return the error the owner must raise
+        once it has closed the step (``None``: continue; the owner rolls back if ``on_nonfinite == "rollback"``).
+
+        ``stacklevel`` is where the ``"warn"`` policy's warning points, counted as by ``warnings.warn`` from the
+        caller of this method (1: that caller)."""
+        reason = Reason(reason)
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        self.skipped_by_reason[reason.value] += 1
+        self.last_skipped = True
+        self.last_reason = reason
+        self._since_summary[reason.value] = self._since_summary.get(reason.value, 0) + 1
+        limit = self.max_consecutive_skips
+        error: Exception | None = None
+        if self.on_nonfinite == "raise" and not reason.is_spike:
+            error = NonFiniteError(diagnosis)
+        elif limit is not None and self.consecutive_skips > limit:
+            error = TrainingDivergedError(
+                f"gradguard: {self.consecutive_skips} bad steps in a row (max_consecutive_skips={limit}, last: "
+                f"{reason}); skipping is not helping", diagnosis)
+        if error is None and self.on_nonfinite == "warn":
+            warnings.warn(f"gradguard skipped step {self.steps} ({reason})\n{diagnosis}", RuntimeWarning,
+                          stacklevel=stacklevel + 1)
+        elif error is None and self.verbose and reason.value not in self._reported:
+            self._reported.add(reason.value)
+            action = "rolled back to the last snapshot" if self.on_nonfinite == "rollback" else "skipped"
+            logger.warning("gradguard %s step %d (%s; first time for this reason, later ones are summarised every "
+                           "%d steps; verbose=False silences this)\n%s", action, self.steps, reason,
+                           self.summary_every, diagnosis)
+        self._maybe_summarize()
+        return error
+
+    def _maybe_summarize(self) -> None:
+        if self.steps % self.summary_every != 0:
+            return
+        counts, self._since_summary = self._since_summary, {}
+        first, self._summary_start = self._summary_start, self.steps + 1
+        if not counts or not self.verbose:
+            return
+        detail = ", ".join(f"{n} {r}" for r, n in counts.items())
+        logger.warning("gradguard: %d of steps %d-%d were not applied (%s); %d in total", sum(counts.values()),
+                       first, self.steps, detail, self.skipped_steps)
+
+    # ---------------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        """The counters: ``steps``, ``good_steps``, ``skipped_steps``, ``consecutive_skips`` (ints) and
+        ``skipped_by_reason`` (``{reason: int}``)."""
+        out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
+        out["skipped_by_reason"] = dict(self.skipped_by_reason)
+        return out
+
+    @staticmethod
+    def check_state(state: Any, where: str = "state_dict") -> dict[str, Any]:
+        """Validate a :meth:`state_dict` without applying it; returns the values to apply."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"{where} must be a mapping (from SkipPolicy.state_dict()), got {type(state).__name__}")
+        expected = {*_COUNTERS, "skipped_by_reason"}
+        missing, unknown = expected - set(state), set(state) - expected
+        if missing or unknown:
+            raise ValueError(
+                f"{where} does not match: missing {sorted(missing)}, unknown {sorted(unknown)}; pass what "
+                "state_dict() returned"
+            )
+        values: dict[str, Any] = {k: check_int(state[k], f"{where}[{k!r}]") for k in _COUNTERS}
+        by_reason = state["skipped_by_reason"]
+        if not isinstance(by_reason, Mapping) or set(by_reason) != {r.value for r in Reason}:
+            raise ValueError(
+                f"{where}['skipped_by_reason'] must map each of {[r.value for r in Reason]} to a count, got "
+                f"{by_reason!r}"
+            )
+        values["skipped_by_reason"] = {str(k): check_int(v, f"{where}['skipped_by_reason'][{k!r}]")
+                                       for k, v in by_reason.items()}
+        if values["good_steps"] + values["skipped_steps"] > values["steps"]:
+            raise ValueError(f"{where}: good_steps + skipped_steps exceeds steps; the counters are inconsistent")
+        return values
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (validated first: a bad state changes nothing)."""
+        self.apply_state(self.check_state(state))
+
+    def apply_state(self, values: Mapping[str, Any]) -> None:
+        """Apply what :meth:`check_state` returned (cannot fail)."""
+        for k in _COUNTERS:
+            setattr(self, k, int(values[k]))
+        self.skipped_by_reason = dict(values["skipped_by_reason"])
+        self.last_skipped = False
+        self.last_reason = None
+        self._since_summary = {}
+        self._summary_start = self.steps + 1
+
