@@ -182,7 +182,7 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
     with Monitor(log_dir, per_layer_every=per_layer_every, sinks=tuple(sinks), overwrite=True,
                  flush_every=max(50, steps)) as monitor:
         guard = (Guard(model, optimizer, clipper=clipper, spike_z=6.0, spike_window=task.spike_window,
-                       max_consecutive_skips=20, monitor=monitor)
+                       max_consecutive_skips=20, monitor=monitor, verbose=False)
                  if strategy == "guard" else None)
         for step in range(1, steps + 1):
             x, y = task.batch(data_gen)
