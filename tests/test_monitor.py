@@ -78,7 +78,7 @@ def test_jsonl_schema_and_values(tmp_path):
     steps = [r for r in rest if r["type"] == "step"]
     layers = [r for r in rest if r["type"] == "layers"]
     assert {r["type"] for r in rest} == {"step", "layers", "end"}
-    assert [s["step"] for s in steps] == list(range(12))
+    assert [s["step"] for s in steps] == list(range(1, 13))  # step 1 is the first step
     for s, ref in zip(steps, refs):
         assert set(s) == STEP_KEYS
         assert all(_number(s[k]) for k in ("loss", "norm", "norm_after", "threshold", "coef", "lr"))
@@ -88,28 +88,25 @@ def test_jsonl_schema_and_values(tmp_path):
         assert s["threshold"] == pytest.approx(1.0) and s["lr"] == pytest.approx(0.1)
         assert s["coef"] == pytest.approx(ref["coef"], rel=1e-6) and s["clipped"] == ref["clipped"]
         assert s["norm_after"] == pytest.approx(min(s["norm"], 1.0), rel=1e-5)  # norm * coef
-        assert s["clipped_count"] == sum(r["clipped"] for r in refs[: s["step"] + 1])
-        assert s["steps_seen"] == s["step"] + 1
+        assert s["clipped_count"] == sum(r["clipped"] for r in refs[: s["step"]])
+        assert s["steps_seen"] == s["step"]
     assert any(s["clipped"] for s in steps) and not all(s["clipped"] for s in steps)  # the test sees both cases
-    assert [r["step"] for r in layers] == [0, 4, 8]
+    assert [r["step"] for r in layers] == [4, 8, 12]
     names = [n for n, _ in model.named_parameters()]
     for rec in layers:
-        ref = refs[rec["step"]]
+        ref = refs[rec["step"] - 1]
         assert rec["names"] == names
         assert rec["grad_norm"] == pytest.approx([ref["pre"][n] for n in names], rel=1e-5)  # before clipping
         assert rec["param_norm"] == pytest.approx([ref["params"][n] for n in names], rel=1e-5)
-        if rec["step"] == 0:
-            assert rec["update_ratio"] is None  # no parameters from the step before
-        else:
-            assert rec["update_ratio"] == pytest.approx([ref["update"][n] for n in names], rel=1e-4)
+        assert rec["update_ratio"] == pytest.approx([ref["update"][n] for n in names], rel=1e-4)
 
 
 def test_every_n_keeps_exact_counts(tmp_path):
     with gg.Monitor(tmp_path, every=5, per_layer_every=None) as monitor:
         _, refs = _train(monitor, steps=12)
     steps = [r for r in _strict_lines(tmp_path / "metrics.jsonl") if r["type"] == "step"]
-    assert [s["step"] for s in steps] == [0, 5, 10]
-    assert steps[-1]["clipped_count"] == sum(r["clipped"] for r in refs[:11])  # steps between records counted
+    assert [s["step"] for s in steps] == [5, 10]
+    assert steps[-1]["clipped_count"] == sum(r["clipped"] for r in refs[:10])  # steps between records counted
 
 
 def test_nonfinite_values_loss_only_records_and_events(tmp_path):
@@ -125,8 +122,8 @@ def test_nonfinite_values_loss_only_records_and_events(tmp_path):
     assert steps[0]["loss"] == "nan" and steps[0]["norm"] is None and steps[0]["skipped"] is True
     assert steps[1]["loss"] == 2.5 and steps[1]["skipped_count"] == 1
     assert steps[2]["norm"] == "inf" and steps[2]["coef"] == 1.0  # non-finite gradients are left untouched
-    assert [(e["step"], e["reason"], e["diagnosis"]) for e in events] == [(0, "nonfinite_loss", None),
-                                                                          (2, "nonfinite_grad", None)]
+    assert [(e["step"], e["reason"], e["diagnosis"]) for e in events] == [(1, "nonfinite_loss", None),
+                                                                          (3, "nonfinite_grad", None)]
     assert decode_number(steps[2]["norm"]) == math.inf
 
 
@@ -213,12 +210,12 @@ def test_record_does_not_synchronise_a_cuda_device(tmp_path):
         opt.step()
         torch.cuda.set_sync_debug_mode("error")  # any synchronising call inside record raises
         try:
-            monitor.record(stats, loss=loss, lr=0.1, model=model, step=step)
+            monitor.record(stats, loss=loss, lr=0.1, model=model, step=step + 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     monitor.close()
     run = load_run(tmp_path)
-    assert len(run.steps) == 20 and [r["step"] for r in run.layers] == [0, 5, 10, 15]
+    assert len(run.steps) == 20 and [r["step"] for r in run.layers] == [5, 10, 15, 20]
 
 
 def test_flush_interval_bounds_host_reads(tmp_path, monkeypatch):
@@ -248,7 +245,7 @@ def test_tensorboard_event_files_read_back(tmp_path):
                 "clip/clipped", "clip/skipped", "clip/clip_rate", "lr"):
         assert tag in tags["scalars"], tag
     loss = acc.Scalars("loss")
-    assert [e.step for e in loss[:12]] == list(range(12))
+    assert [e.step for e in loss[:12]] == list(range(1, 13))
     assert [e.value for e in loss[:12]] == pytest.approx([r["loss"] for r in refs], rel=1e-6)
     assert math.isnan(loss[12].value)
     before = acc.Scalars("grad_norm/before_clip")
@@ -257,10 +254,10 @@ def test_tensorboard_event_files_read_back(tmp_path):
     names = [n for n, _ in model.named_parameters()]
     assert f"layer_grad_norm/{names[0]}" in tags["scalars"]
     assert [e.value for e in acc.Scalars(f"layer_grad_norm/{names[0]}")] == pytest.approx(
-        [refs[s]["pre"][names[0]] for s in (0, 4, 8)], rel=1e-5)
+        [refs[s - 1]["pre"][names[0]] for s in (4, 8, 12)], rel=1e-5)
     assert "layers/log10_grad_norm" in tags["histograms"]
     hist = acc.Histograms("layers/log10_grad_norm")
-    assert [h.step for h in hist] == [0, 4, 8] and hist[0].histogram_value.num == len(names)
+    assert [h.step for h in hist] == [4, 8, 12] and hist[0].histogram_value.num == len(names)
     assert "events/text_summary" in tags["tensors"]
 
 
@@ -271,8 +268,8 @@ def test_logging_sink(tmp_path, caplog):
         monitor.record(None, loss=torch.tensor(float("inf")), skipped=True, reason="nonfinite_loss")
     assert not (tmp_path / "metrics.jsonl").exists()  # only the sinks asked for
     msgs = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "gradguard.monitor"]
-    assert msgs[0][0] == logging.INFO and msgs[0][1].startswith("step 0: loss=") and "threshold=1" in msgs[0][1]
-    assert (logging.WARNING, "step 2: loss=inf SKIPPED (nonfinite_loss)") in msgs
+    assert msgs[0][0] == logging.INFO and msgs[0][1].startswith("step 1: loss=") and "threshold=1" in msgs[0][1]
+    assert (logging.WARNING, "step 3: loss=inf SKIPPED (nonfinite_loss)") in msgs
 
 
 def test_wandb_offline_sink(tmp_path, monkeypatch):
@@ -310,10 +307,10 @@ def test_a_crash_leaves_a_readable_jsonl(tmp_path, how):
     assert proc.returncode != 0
     run = load_run(tmp_path)
     if how == "kill":  # SIGKILL: what was flushed survives, whole lines only
-        assert [s["step"] for s in run.steps] == list(range(30)) and run.end is None
+        assert [s["step"] for s in run.steps] == list(range(1, 31)) and run.end is None
     else:  # an exception: the interpreter exits through atexit, which closes the monitor
         assert "training crashed" in proc.stderr
-        assert [s["step"] for s in run.steps] == list(range(35)) and run.end["steps_seen"] == 35
+        assert [s["step"] for s in run.steps] == list(range(1, 36)) and run.end["steps_seen"] == 35
     assert [s["loss"] for s in run.steps[:3]] == [0.0, 1.0, 2.0]
 
 
@@ -393,7 +390,7 @@ def test_vanishing_layers_are_flagged_in_a_deep_sigmoid_network(tmp_path):
     run = load_run(tmp_path)
     vanishing = {h["layer"] for h in run.health if h["flag"] == "vanishing"}
     assert "0.weight" in vanishing and "32.weight" not in vanishing  # the first layer, not the head
-    assert {h["step"] for h in run.health} == {4}  # raised once, when the window of 3 samples is full
+    assert {h["step"] for h in run.health} == {6}  # raised once, when the window of 3 samples (2, 4, 6) is full
     assert monitor.flags and all(f.flag == "vanishing" for f in monitor.flags)
     assert "clipping cannot help" in run.health[0]["message"]
 
@@ -416,7 +413,7 @@ def test_a_dominant_layer_is_flagged_exploding(tmp_path):
             opt.step()
             monitor.record(stats, loss=loss, model=model)
     health = load_run(tmp_path).health
-    assert [(h["step"], h["layer"], h["flag"]) for h in health] == [(1, "0.weight", "exploding")]
+    assert [(h["step"], h["layer"], h["flag"]) for h in health] == [(2, "0.weight", "exploding")]
     assert health[0]["value"] > 0.9 and "gg.LayerwiseClip" in health[0]["message"]
 
 
