@@ -444,3 +444,397 @@ def test_doc_example_runs_in_a_fresh_process(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ})
     assert [r["type"] for r in _strict_lines(tmp_path / "metrics.jsonl")] == ["meta", "step", "end"]
+
+
+# ------------------------------------------------------------------------------------- per-layer: one copy at most
+def test_per_layer_every_step_update_ratios_from_the_in_place_snapshot(tmp_path):
+    # per_layer_every=1: the snapshot of θ_{t-1} is turned into θ_{t-1} - θ_t in place, then refreshed to θ_t
+    with gg.Monitor(tmp_path, per_layer_every=1) as monitor:
+        model, refs = _train(monitor, steps=6)
+        snapshot = monitor._probe._snapshot
+        assert snapshot is not None and snapshot[0] == 6  # one snapshot, of the last step's parameters
+        for n, p in model.named_parameters():
+            assert torch.equal(snapshot[1][n], p.detach()) and snapshot[1][n].data_ptr() != p.data_ptr()
+    layers = load_run(tmp_path).layers
+    names = [n for n, _ in model.named_parameters()]
+    assert [r["step"] for r in layers] == list(range(1, 7))
+    assert layers[0]["update_ratio"] is None  # no parameters from the step before the first
+    for rec in layers[1:]:
+        ref = refs[rec["step"] - 1]
+        assert rec["update_ratio"] == pytest.approx([ref["update"][n] for n in names], rel=1e-4)
+        assert rec["grad_norm"] == pytest.approx([ref["pre"][n] for n in names], rel=1e-5)
+
+
+def test_snapshot_is_taken_only_before_measured_steps_and_only_of_trained_parameters(tmp_path):
+    model = _mlp()
+    model[0].weight.requires_grad_(False)  # frozen: never measured, never copied
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    held = []
+    with gg.Monitor(tmp_path, per_layer_every=5) as monitor:
+        for _ in range(10):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            opt.step()
+            monitor.record(None, loss=1.0, model=model)
+            snap = monitor._probe._snapshot
+            held.append(None if snap is None else (snap[0], sorted(snap[1])))
+    trained = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert held == [None, None, None, (4, trained), None, None, None, None, (9, trained), None]
+    assert all(r["update_ratio"] is not None for r in load_run(tmp_path).layers)
+
+
+# --------------------------------------------------------------------------------------------- step numbering
+def test_steps_count_from_one_and_explicit_steps(tmp_path):
+    with gg.Monitor(tmp_path, per_layer_every=None) as monitor:
+        monitor.record(None, loss=1.0)
+        monitor.record(None, loss=2.0)
+        monitor.record(None, loss=3.0, step=10)  # explicit: the automatic numbering continues after it
+        monitor.record(None, loss=4.0)
+        with pytest.raises(ValueError, match="step must be >= 1"):
+            monitor.record(None, loss=5.0, step=0)
+        with pytest.raises(TypeError, match="step must be an integer"):
+            monitor.record(None, loss=5.0, step="3")
+    steps = load_run(tmp_path).steps
+    assert [(s["step"], s["loss"], s["steps_seen"]) for s in steps] == [(1, 1.0, 1), (2, 2.0, 2), (10, 3.0, 3),
+                                                                        (11, 4.0, 4)]  # failed calls counted nothing
+
+
+# ------------------------------------------------------------------------------------------------ resume/append
+def test_resume_appends_and_continues_steps_and_counts(tmp_path):
+    with gg.Monitor(tmp_path, per_layer_every=None) as monitor:
+        _, first = _train(monitor, steps=5, seed=0)
+    before = (tmp_path / "metrics.jsonl").read_text()
+    with gg.Monitor(tmp_path, per_layer_every=None, resume=True) as monitor:
+        _, second = _train(monitor, steps=4, seed=1)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert text.startswith(before)  # every earlier line kept, byte for byte
+    recs = _strict_lines(tmp_path / "metrics.jsonl")
+    metas = [r for r in recs if r["type"] == "meta"]
+    assert len(metas) == 2 and "resumed" not in metas[0] and metas[1]["resumed"] is True
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [s["step"] for s in steps] == list(range(1, 10)) and [s["steps_seen"] for s in steps] == list(range(1, 10))
+    clips = [r["clipped"] for r in first + second]
+    assert [s["clipped_count"] for s in steps] == [sum(clips[: i + 1]) for i in range(9)]
+    assert [s["loss"] for s in steps] == pytest.approx([r["loss"] for r in first + second], rel=1e-6)
+    run = load_run(tmp_path)
+    assert run.end == {"type": "end", "steps_seen": 9, "clipped_count": sum(clips), "skipped_count": 0}
+
+
+def test_resume_after_sigkill_drops_the_cut_line_and_continues(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", _CRASH, str(tmp_path), "kill"], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == -9
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"type":"step","step":31,"lo')  # as if killed in the middle of a write
+    with gg.Monitor(tmp_path, resume=True) as monitor:  # the dead process's lock does not block the resume
+        w = torch.zeros(3, requires_grad=True)
+        w.grad = torch.full((3,), 2.0)
+        monitor.record(gg.NormClip(1.0)([w]), loss=torch.tensor(7.0))
+    recs = _strict_lines(tmp_path / "metrics.jsonl")  # every line strict JSON again: the cut line is gone
+    steps = [r for r in recs if r["type"] == "step"]
+    assert [s["step"] for s in steps] == list(range(1, 32)) and steps[-1]["loss"] == 7.0
+    assert steps[-1]["steps_seen"] == 31 and steps[-1]["clipped_count"] == 29 + 1  # steps 2..30 clipped, then 31
+    assert [r["type"] for r in recs].count("meta") == 2 and recs[-1]["type"] == "end"
+
+
+def test_resume_without_a_run_starts_one_and_resume_keeps_tensorboard_steps(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with gg.Monitor(tmp_path, resume=True, sinks=("jsonl", "tensorboard")) as monitor:  # nothing to resume
+        monitor.record(None, loss=1.0)
+    assert "resumed" not in _strict_lines(tmp_path / "metrics.jsonl")[0]
+    with gg.Monitor(tmp_path, resume=True, sinks=("jsonl", "tensorboard")) as monitor:
+        monitor.record(None, loss=2.0)
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 1.0), (2, 2.0)]
+    with pytest.raises(ValueError, match="contradict"):
+        gg.Monitor(tmp_path, resume=True, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------------------- one owner
+def test_a_second_monitor_on_an_open_log_is_refused(tmp_path):
+    first = gg.Monitor(tmp_path)
+    first.record(None, loss=1.0)
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(FileExistsError, match=f"another gg.Monitor \\(pid {os.getpid()}\\)"):
+            gg.Monitor(tmp_path, **kwargs)
+    first.close()
+    assert not (tmp_path / ".gradguard.lock").exists()  # released and removed on close
+    with gg.Monitor(tmp_path, resume=True) as again:
+        again.record(None, loss=2.0)
+    assert [s["step"] for s in load_run(tmp_path).steps] == [1, 2]
+
+
+def _race_worker(log_dir: str, mode: str, barrier, results) -> None:
+    barrier.wait()  # both processes create their Monitor at the same moment
+    try:
+        monitor = gg.Monitor(log_dir, overwrite=mode == "overwrite", flush_every=1)
+    except FileExistsError as e:
+        barrier.wait()
+        results.put(("refused", str(e)))
+        return
+    barrier.wait()  # the other one has tried while this one owns the log
+    for i in range(20):
+        monitor.record(None, loss=float(os.getpid() + i))
+    monitor.close()
+    results.put(("owner", os.getpid()))
+
+
+@pytest.mark.parametrize("mode", ["new", "overwrite"])
+def test_two_processes_starting_together_never_share_a_log(tmp_path, mode):
+    import multiprocessing
+
+    if mode == "overwrite":
+        gg.Monitor(tmp_path).close()
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(2, timeout=120), ctx.Queue()
+    procs = [ctx.Process(target=_race_worker, args=(str(tmp_path), mode, barrier, results)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    outcome = sorted(results.get(timeout=180) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    (owner, pid), (refused, message) = outcome
+    assert (owner, refused) == ("owner", "refused") and "one log has one owner" in message
+    recs = _strict_lines(tmp_path / "metrics.jsonl")
+    assert [r["type"] for r in recs] == ["meta"] + ["step"] * 20 + ["end"]
+    assert [r["loss"] for r in recs[1:-1]] == [float(pid + i) for i in range(20)]  # one process's run, whole
+
+
+# --------------------------------------------------------------------------------------------- torch.distributed
+WORLD = 2
+
+
+def _dist_worker(rank: int, port: int, log_dir: str, ranks: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=30))
+    try:
+        torch.manual_seed(0)
+        model = nn.parallel.DistributedDataParallel(_mlp())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        monitor = gg.Monitor(log_dir, ranks=ranks, per_layer_every=2)  # every rank creates one, at once
+        assert monitor.active == (rank == 0 or ranks == "all")
+        guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), monitor=monitor)
+        gen = torch.Generator().manual_seed(rank)
+        for _ in range(4):
+            x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 1, generator=gen)
+            guard.step(lambda x=x, y=y: nn.functional.mse_loss(model(x), y))
+        monitor.close()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _dist_exit(rank: int, port: int, log_dir: str, ranks: str) -> None:
+    _dist_worker(rank, port, log_dir, ranks)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # gloo teardown race at finalization (see tests/test_distributed.py)
+
+
+@pytest.mark.parametrize("ranks", ["zero", "all"])
+def test_ddp_ranks_each_own_their_log_or_only_rank_zero_writes(tmp_path, ranks):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    mp.spawn(_dist_exit, args=(port, str(tmp_path), ranks), nprocs=WORLD, join=True)
+    if ranks == "zero":
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+        runs = [load_run(tmp_path)]
+    else:
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0", "rank1"]
+        runs = [load_run(tmp_path / f"rank{r}") for r in range(WORLD)]
+    for run in runs:
+        assert [s["step"] for s in run.steps] == [1, 2, 3, 4] and run.end["steps_seen"] == 4
+        assert [r["step"] for r in run.layers] == [2, 4]
+    if ranks == "all":  # DDP: the same (all-reduced) gradient norm on both ranks, each rank's own loss
+        assert [s["norm"] for s in runs[0].steps] == pytest.approx([s["norm"] for s in runs[1].steps], rel=1e-6)
+        assert [s["loss"] for s in runs[0].steps] != [s["loss"] for s in runs[1].steps]
+
+
+def test_rank_from_torchrun_environment_before_init(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    quiet = gg.Monitor(tmp_path / "zero")
+    quiet.record(None, loss=1.0)
+    quiet.close()
+    assert not quiet.active and not (tmp_path / "zero").exists()  # rank 1 with ranks="zero": nothing created
+    with gg.Monitor(tmp_path / "all", ranks="all") as mine:
+        mine.record(None, loss=1.0)
+    assert mine.path == tmp_path / "all" / "rank1" / "metrics.jsonl" and mine.path.is_file()
+    with pytest.raises(ValueError, match="ranks must be 'zero'"):
+        gg.Monitor(tmp_path, ranks="first")
+
+
+# -------------------------------------------------------------------------------------------------------- SIGTERM
+_TERM = textwrap.dedent("""
+    import signal, sys, time, torch, gradguard as gg
+    if sys.argv[2] == "chain":
+        def previous(signum, frame):
+            print("previous handler ran", flush=True)
+            sys.exit(3)
+        signal.signal(signal.SIGTERM, previous)
+    monitor = gg.Monitor(sys.argv[1], flush_every=1000, flush_secs=1e9)
+    w = torch.zeros(3, requires_grad=True)
+    for i in range(25):
+        w.grad = torch.full((3,), float(i))
+        monitor.record(gg.NormClip(1.0)([w]), loss=torch.tensor(float(i)))
+    print("ready", flush=True)
+    time.sleep(600)
+""")
+
+
+@pytest.mark.parametrize("previous", ["default", "chain"])
+def test_sigterm_writes_unflushed_steps_then_passes_the_signal_on(tmp_path, previous):
+    proc = subprocess.Popen([sys.executable, "-c", _TERM, str(tmp_path), previous], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert len(_strict_lines(tmp_path / "metrics.jsonl")) == 1  # 25 steps staged, none written yet
+        proc.send_signal(15)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    if previous == "default":
+        assert proc.returncode == -15, err  # still ends by SIGTERM, as without gradguard
+    else:
+        assert proc.returncode == 3 and "previous handler ran" in out, err
+    run = load_run(tmp_path)
+    assert [s["step"] for s in run.steps] == list(range(1, 26))
+    if previous == "default":
+        assert run.end is None  # killed by the signal: no atexit, but every staged step was written first
+    else:  # the previous handler exited normally: atexit then closed the monitor
+        assert run.end == {"type": "end", "steps_seen": 25, "clipped_count": 24, "skipped_count": 0}
+    assert [s["loss"] for s in run.steps] == [float(i) for i in range(25)]
+
+
+def test_sigterm_handler_is_restored_on_close():
+    import signal
+
+    def mine(signum, frame):  # pragma: no cover - never delivered
+        pass
+
+    old = signal.signal(signal.SIGTERM, mine)
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            a, b = gg.Monitor(Path(d) / "a"), gg.Monitor(Path(d) / "b")
+            assert signal.getsignal(signal.SIGTERM) is not mine
+            a.close()
+            assert signal.getsignal(signal.SIGTERM) is not mine  # b is still open
+            b.close()
+            assert signal.getsignal(signal.SIGTERM) is mine
+            c = gg.Monitor(Path(d) / "c")
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # someone else's handler after ours: left alone
+            c.close()
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+# ---------------------------------------------------------------------------------------------------- sinks
+class _ListSink(gg.monitor.Sink):
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.records: list[dict] = []
+        self.opened: Path | None = None
+        self.closed = 0
+
+    def open(self, run):
+        self.opened = run.path
+
+    def write(self, records):
+        self.records.extend(records)
+
+    def close(self):
+        self.closed += 1
+
+
+def test_custom_sink_instances_beside_named_sinks(tmp_path, caplog):
+    from gradguard.monitor import JsonlSink, LoggingSink, Sink
+
+    caplog.set_level(logging.INFO, logger="mine")
+    a, b = _ListSink("a"), _ListSink("b")  # two instances of one custom class are fine
+    mine = logging.getLogger("mine")
+    with gg.Monitor(tmp_path, per_layer_every=4, sinks=["jsonl", a, b, LoggingSink(mine)]) as monitor:
+        _train(monitor, steps=8)
+    assert monitor.sinks == ("jsonl", "_ListSink", "_ListSink", "logging")
+    on_disk = _strict_lines(tmp_path / "metrics.jsonl")
+    assert a.records == on_disk and b.records == on_disk  # the same records, in the same order
+    assert a.opened == tmp_path and a.closed == 1
+    assert on_disk[0]["sinks"] == ["jsonl", "_ListSink", "_ListSink", "logging"]
+    assert [r.getMessage().split(":")[0] for r in caplog.records if r.name == "mine"] == [
+        f"step {i}" for i in range(1, 9)]
+    with pytest.raises(ValueError, match="twice"):
+        gg.Monitor(tmp_path / "x", sinks=["jsonl", JsonlSink()])
+    with pytest.raises(ValueError, match="twice"):
+        gg.Monitor(tmp_path / "x", sinks=[a, a])
+    with pytest.raises(TypeError, match="gg.Sink instances"):
+        gg.Monitor(tmp_path / "x", sinks=[object()])
+    with pytest.raises(TypeError, match="logger must be a logging.Logger"):
+        LoggingSink("mine")
+    assert not (tmp_path / "x").exists()
+
+    class Half(Sink):
+        pass
+
+    with pytest.raises(NotImplementedError, match="Half must implement write"):
+        gg.Monitor(tmp_path / "y", sinks=Half())
+    assert not (tmp_path / "y" / ".gradguard.lock").exists()  # a sink failing at open releases the directory
+
+
+def test_a_custom_sink_existing_files_refuse_a_new_run(tmp_path):
+    class Csv(gg.monitor.Sink):
+        def existing(self, log_dir):
+            return [p for p in (log_dir / "loss.csv",) if p.exists()]
+
+        def write(self, records):
+            pass
+
+    (tmp_path / "loss.csv").write_text("1,2\n")
+    with pytest.raises(FileExistsError, match="loss.csv.*resume=True"):
+        gg.Monitor(tmp_path, sinks=[Csv()])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.csv"]
+
+
+def _doc_section(path: Path, heading: str) -> str:
+    text = path.read_text()
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:] if end < 0 else text[start:end]
+
+
+def test_extending_doc_sink_example_runs(tmp_path, monkeypatch):
+    import re
+
+    section = _doc_section(Path(__file__).resolve().parents[1] / "docs" / "extending.md", "## A new Monitor sink")
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert blocks
+    monkeypatch.chdir(tmp_path)
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"extending.md[sink {i}]", "exec"), {"__name__": "__doc_example__"})
+    rows = (tmp_path / "runs" / "csv-demo" / "steps.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,norm,clipped" and [r.split(",")[0] for r in rows[1:]] == ["1", "2", "3", "4", "5"]
+
+
+def test_a_monitor_dropped_without_close_gives_its_directory_back(tmp_path):
+    import gc
+
+    monitor = gg.Monitor(tmp_path)
+    del monitor
+    gc.collect()
+    gg.Monitor(tmp_path, resume=True).close()  # not refused: the collected Monitor's lock was released
+    assert not (tmp_path / ".gradguard.lock").exists()

@@ -214,7 +214,8 @@ class RunDirectory:
         """The log directory."""
         self.mode = mode
         """``"new"``, ``"overwrite"`` or ``"append"``."""
-        self._lock_fd: int | None = None
+        self._release: weakref.finalize[..., RunDirectory] = weakref.finalize(self, _unlock, None, -1)
+        self._release.detach()  # not owned until acquire()
 
     def acquire(self) -> None:
         """Create the directory and take its lock, or raise :class:`FileExistsError` when another owner holds it."""
@@ -238,13 +239,14 @@ class RunDirectory:
             if same:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
-                self._lock_fd = fd
+                # released by release(), or when this object is collected (a Monitor dropped without close())
+                self._release = weakref.finalize(self, _unlock, lock, fd)
                 return
             os.close(fd)
 
     def open_text(self, name: str) -> IO[str]:
         """Open ``name`` in the directory for writing text, as the mode says (exclusive, truncating or appending)."""
-        if self._lock_fd is None:
+        if not self._release.alive:
             raise RuntimeError("RunDirectory.open_text needs the directory's lock: call acquire() first")
         flags = os.O_WRONLY | os.O_CREAT | {"new": os.O_EXCL, "overwrite": os.O_TRUNC, "append": os.O_APPEND}[self.mode]
         fd = os.open(self.path / name, flags, 0o644)
@@ -252,13 +254,16 @@ class RunDirectory:
 
     def release(self) -> None:
         """Give the directory up (the lock file is removed while still locked, then unlocked). Safe to call twice."""
-        if self._lock_fd is None:
-            return
-        fd, self._lock_fd = self._lock_fd, None
-        try:
-            (self.path / LOCK_NAME).unlink(missing_ok=True)
-        finally:
-            os.close(fd)
+        self._release()
+
+
+def _unlock(lock: Path | None, fd: int) -> None:
+    if lock is None:
+        return
+    try:
+        lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 class _Counts:
@@ -895,12 +900,10 @@ class Monitor:
 
     def _open(self, sinks: list[Sink], mode: Literal["new", "overwrite", "append"]) -> _Counts:
         """Own the directory, read where a resumed run stands, open every sink and write the ``meta`` record."""
-        if mode == "new":  # a friendly early answer; the authoritative check runs again under the lock
-            self._refuse_existing(sinks)
         run = RunDirectory(self.log_dir, mode)
-        run.acquire()
+        run.acquire()  # first: a log another Monitor is writing gets that answer, not "already holds a run"
         try:
-            if mode == "new":
+            if mode == "new":  # under the lock, so no other Monitor can create the files between check and open
                 self._refuse_existing(sinks)
             counts, resumed = _resume_point(self.path) if mode == "append" else (_Counts(), False)
             meta = {
