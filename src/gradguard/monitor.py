@@ -323,9 +323,9 @@ class Sink:
 
     Example (a CSV of the step losses)::
 
-        class LossCsv(gg.Sink):
+        class LossCsv(Sink):
             def open(self, run):
-                self.f = open(run.path / "loss.csv", "a")
+                self.f = run.open_text("loss.csv")  # exclusive, truncated or appended, as the Monitor's mode
             def write(self, records):
                 for r in records:
                     if r["type"] == "step":
