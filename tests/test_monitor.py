@@ -838,3 +838,68 @@ def test_a_monitor_dropped_without_close_gives_its_directory_back(tmp_path):
     gc.collect()
     gg.Monitor(tmp_path, resume=True).close()  # not refused: the collected Monitor's lock was released
     assert not (tmp_path / ".gradguard.lock").exists()
+
+
+# ---------------------------------------------------------------------------- the integrations number from 1 too
+def test_lightning_callback_records_steps_from_one(tmp_path):
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 6, generator=g), torch.randn(16, 1, generator=g)), batch_size=4)
+    with gg.Monitor(tmp_path / "run", per_layer_every=2) as monitor:
+        trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[GradGuardCallback(gg.NormClip(1.0), monitor=monitor)])
+        trainer.fit(Module(), data)
+    run = load_run(tmp_path / "run")
+    assert [s["step"] for s in run.steps] == [1, 2, 3, 4] and [r["step"] for r in run.layers] == [2, 4]
+
+
+def test_transformers_callback_records_steps_from_one(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from gradguard.integrations.transformers import GradGuardCallback
+
+    class Data(Dataset):
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            return {"x": torch.randn(6, generator=g), "labels": torch.randn(1, generator=g)}
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _mlp()
+
+        def forward(self, x, labels=None):
+            return {"loss": nn.functional.mse_loss(self.net(x), labels)}
+
+    model = Model()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=0.1, lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[],
+                             use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
+    with gg.Monitor(tmp_path / "run", per_layer_every=2) as monitor:
+        Trainer(model=model, args=args, train_dataset=Data(),
+                callbacks=[GradGuardCallback(gg.NormClip(1.0), monitor=monitor)],
+                optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)).train()
+    run = load_run(tmp_path / "run")
+    assert [s["step"] for s in run.steps] == [1, 2, 3, 4] and [r["step"] for r in run.layers] == [2, 4]

@@ -146,7 +146,7 @@ class GradGuardCallback(_Base):
         self.monitor.record(
             self.gate.last_stats, loss=loss.detach() if isinstance(loss, Tensor) else None,
             skipped=self.gate.last_skipped, reason="nonfinite_grad" if self.gate.last_skipped else None, lr=lr,
-            model=pl_module if isinstance(pl_module, nn.Module) else None, step=int(trainer.global_step) - 1,
+            model=pl_module if isinstance(pl_module, nn.Module) else None, step=int(trainer.global_step),
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -155,7 +155,7 @@ class GradGuardCallback(_Base):
             self.gate.last_stats, skipped=self.gate.last_skipped,
             reason="nonfinite_grad" if self.gate.last_skipped else None,
             lr=lr if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None,
-            model=model, step=int(state.global_step),
+            model=model, step=int(state.global_step) + 1,  # counted up after this callback
         )
 
     def summary(self) -> dict[str, float]:
