@@ -465,6 +465,55 @@ def test_per_layer_every_step_update_ratios_from_the_in_place_snapshot(tmp_path)
         assert rec["grad_norm"] == pytest.approx([ref["pre"][n] for n in names], rel=1e-5)
 
 
+def test_every_step_snapshot_is_refreshed_in_its_own_memory(tmp_path):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    pointers = []
+    with gg.Monitor(tmp_path, per_layer_every=1) as monitor:
+        for _ in range(5):
+            opt.zero_grad()
+            model(torch.randn(4, 6)).pow(2).mean().backward()
+            opt.step()
+            monitor.record(None, loss=1.0, model=model)
+            _, snap = monitor._probe._snapshot
+            assert all(torch.equal(snap[n], p.detach()) for n, p in model.named_parameters())
+            pointers.append({n: t.data_ptr() for n, t in snap.items()})
+    params = {p.data_ptr() for p in model.parameters()}
+    assert all(ptrs == pointers[0] for ptrs in pointers)  # one allocation, reused: never a second copy
+    assert not params & set(pointers[0].values())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (exact allocator statistics)")
+def test_per_layer_records_hold_at_most_one_copy_of_the_parameters_cuda(tmp_path):
+    def peak_extra(per_layer_every, log_dir):
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(8)]).cuda()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        x = torch.randn(4, 1024, device="cuda")
+        clip = gg.NormClip(1.0)
+        with gg.Monitor(log_dir, per_layer_every=per_layer_every) as monitor:
+            for step in range(6):
+                opt.zero_grad(set_to_none=False)
+                model(x).pow(2).mean().backward()
+                stats = clip(model)
+                opt.step()
+                if step == 1:  # from the second step: gradients, and the snapshot taken at step 1, exist
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                monitor.record(stats, loss=1.0, model=model)
+            snap = monitor._probe._snapshot
+            held = 0 if snap is None else sum(t.numel() * t.element_size() for t in snap[1].values())
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, held, sum(p.numel() * 4 for p in model.parameters())
+
+    off, held_off, param_bytes = peak_extra(None, tmp_path / "off")
+    on, held_on, _ = peak_extra(1, tmp_path / "on")
+    assert held_off == 0 and held_on == param_bytes  # exactly one copy of the parameters, kept between steps
+    assert on - off < param_bytes // 8  # and measuring makes no other copy: less than one layer's bytes on top
+
+
 def test_snapshot_is_taken_only_before_measured_steps_and_only_of_trained_parameters(tmp_path):
     model = _mlp()
     model[0].weight.requires_grad_(False)  # frozen: never measured, never copied
@@ -500,7 +549,9 @@ def test_steps_count_from_one_and_explicit_steps(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ resume/append
-def test_resume_appends_and_continues_steps_and_counts(tmp_path):
+@pytest.mark.parametrize("tail", [1 << 20, 300, 5])  # the whole file; a tail of a few lines; a tail of no line
+def test_resume_appends_and_continues_steps_and_counts(tmp_path, monkeypatch, tail):
+    monkeypatch.setattr(gg.monitor, "_TAIL", tail)
     with gg.Monitor(tmp_path, per_layer_every=None) as monitor:
         _, first = _train(monitor, steps=5, seed=0)
     before = (tmp_path / "metrics.jsonl").read_text()
@@ -903,3 +954,24 @@ def test_transformers_callback_records_steps_from_one(tmp_path):
                 optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)).train()
     run = load_run(tmp_path / "run")
     assert [s["step"] for s in run.steps] == [1, 2, 3, 4] and [r["step"] for r in run.layers] == [2, 4]
+
+
+def test_a_forked_child_never_writes_its_parents_log(tmp_path):
+    import signal
+
+    monitor = gg.Monitor(tmp_path, flush_every=1000, flush_secs=1e9)
+    for i in range(5):
+        monitor.record(None, loss=float(i))  # staged, not written
+    pid = os.fork()
+    if pid == 0:  # the child (like a DataLoader worker) inherited the handler and the open Monitor
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler skips the parent's Monitor, then the default ends it
+        finally:
+            os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM
+    assert [r["type"] for r in _strict_lines(tmp_path / "metrics.jsonl")] == ["meta"]  # nothing from the child
+    assert (tmp_path / ".gradguard.lock").exists()
+    monitor.close()
+    steps = [r for r in _strict_lines(tmp_path / "metrics.jsonl") if r["type"] == "step"]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]  # written once, by the owner

@@ -118,6 +118,8 @@ def decode_number(x: Any) -> float | None:
 
 def _close_all() -> None:  # atexit: an exception that ends the program still leaves complete files
     for m in list(_OPEN):
+        if m._pid != os.getpid():  # a forked child (a DataLoader worker) never writes its parent's log
+            continue
         try:
             m.close()
         except Exception:  # pragma: no cover - best effort at interpreter exit
@@ -214,7 +216,7 @@ class RunDirectory:
         """The log directory."""
         self.mode = mode
         """``"new"``, ``"overwrite"`` or ``"append"``."""
-        self._release: weakref.finalize[..., RunDirectory] = weakref.finalize(self, _unlock, None, -1)
+        self._release: weakref.finalize[..., RunDirectory] = weakref.finalize(self, _unlock, None, -1, 0)
         self._release.detach()  # not owned until acquire()
 
     def acquire(self) -> None:
@@ -240,7 +242,7 @@ class RunDirectory:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"{os.getpid()}\n".encode())
                 # released by release(), or when this object is collected (a Monitor dropped without close())
-                self._release = weakref.finalize(self, _unlock, lock, fd)
+                self._release = weakref.finalize(self, _unlock, lock, fd, os.getpid())
                 return
             os.close(fd)
 
@@ -257,11 +259,12 @@ class RunDirectory:
         self._release()
 
 
-def _unlock(lock: Path | None, fd: int) -> None:
+def _unlock(lock: Path | None, fd: int, pid: int) -> None:
     if lock is None:
         return
     try:
-        lock.unlink(missing_ok=True)
+        if os.getpid() == pid:  # a forked child exiting must not remove the lock its parent still holds
+            lock.unlink(missing_ok=True)
     finally:
         os.close(fd)
 
@@ -278,37 +281,56 @@ class _Counts:
         self.skipped_count = skipped_count
 
 
+_TAIL = 1 << 20
+
+
 def _resume_point(path: Path) -> tuple[_Counts, bool]:
     """Read an existing ``metrics.jsonl`` to continue it: ``(counts, had_records)``.
 
     A last line cut short by a crash (no newline) is removed first, so the appended records start on a line of
-    their own and the file stays readable line by line.
+    their own and the file stays readable line by line. Only the end of the file is read (its last MiB; all of it
+    only when that holds no ``step`` or ``end`` record), so resuming a long run costs the same as a short one.
     """
     if not path.is_file():
         return _Counts(), False
+    counts: _Counts | None = None
     with open(path, "rb+") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            keep = data.rfind(b"\n") + 1
-            _LOG.warning("gradguard: %s ended with a line cut short by a crash; removed it before appending", path)
-            f.truncate(keep)
-            data = data[:keep]
-    counts = _Counts()
-    for line in data.decode("utf-8", errors="replace").splitlines():
+        size = f.seek(0, os.SEEK_END)
+        for start in dict.fromkeys((max(0, size - _TAIL), 0)):
+            f.seek(start)
+            data = f.read()
+            if data and not data.endswith(b"\n") and (b"\n" in data or start == 0):
+                keep = data.rfind(b"\n") + 1
+                _LOG.warning("gradguard: %s ended with a line cut short by a crash; removed it before appending",
+                             path)
+                f.truncate(start + keep)
+                data = data[:keep]
+            counts = _scan_counts(data.split(b"\n")[1 if start else 0:])  # a tail's first line may be partial
+            if counts is not None:
+                break
+        had_records = f.seek(0, os.SEEK_END) > 0
+    return counts or _Counts(), had_records
+
+
+def _scan_counts(lines: list[bytes]) -> _Counts | None:
+    """The last step number and running counts in these lines, or None when they hold no step/end record."""
+    counts: _Counts | None = None
+    for line in lines:
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
-        if not isinstance(rec, dict):
+        if not isinstance(rec, dict) or rec.get("type") not in ("step", "end"):
             continue
-        if rec.get("type") == "step" and isinstance(rec.get("step"), int):
+        counts = counts or _Counts()
+        if rec["type"] == "step" and isinstance(rec.get("step"), int):
             counts.last_step = max(counts.last_step, rec["step"])
-        if rec.get("type") in ("step", "end"):
-            for key in ("steps_seen", "clipped_count", "skipped_count"):
-                if isinstance(rec.get(key), int):
-                    setattr(counts, key, rec[key])
-    counts.last_step = max(counts.last_step, counts.steps_seen)
-    return counts, bool(data.strip())
+        for key in ("steps_seen", "clipped_count", "skipped_count"):
+            if isinstance(rec.get(key), int):
+                setattr(counts, key, rec[key])
+    if counts is not None:
+        counts.last_step = max(counts.last_step, counts.steps_seen)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------------------- sinks
@@ -771,6 +793,19 @@ def _undo_clipping(post: Tensor, stats: ClipStats | None, names: tuple[str, ...]
     return post / torch.where(c > 0, c, torch.ones_like(c))
 
 
+def _check_modes(update_ratio: Any, overwrite: Any, resume: Any, ranks: Any, wandb_kwargs: Any) -> None:
+    for name, flag in (("update_ratio", update_ratio), ("overwrite", overwrite), ("resume", resume)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {flag!r}")
+    if overwrite and resume:
+        raise ValueError("overwrite=True and resume=True contradict each other: overwrite replaces the run in "
+                         "log_dir, resume continues it; pass one of them")
+    if ranks not in ("zero", "all"):
+        raise ValueError(f"ranks must be 'zero' (only rank 0 writes) or 'all' (one run per rank), got {ranks!r}")
+    if wandb_kwargs is not None and not isinstance(wandb_kwargs, Mapping):
+        raise TypeError(f"wandb_kwargs must be a mapping of wandb.init arguments, got {type(wandb_kwargs).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------------- ranks
 def _rank() -> tuple[int, int]:
     """``(rank, world size)``: torch.distributed's when initialised, else torchrun's ``RANK``/``WORLD_SIZE``."""
@@ -861,18 +896,7 @@ class Monitor:
         if health is not None and not isinstance(health, LayerHealth):
             raise TypeError(f"health must be a gradguard LayerHealth or None, got {type(health).__name__}")
         self.health = health if health is not None else LayerHealth()
-        for name, flag in (("update_ratio", update_ratio), ("overwrite", overwrite), ("resume", resume)):
-            if not isinstance(flag, bool):
-                raise TypeError(f"{name} must be a bool, got {flag!r}")
-        if overwrite and resume:
-            raise ValueError("overwrite=True and resume=True contradict each other: overwrite replaces the run in "
-                             "log_dir, resume continues it; pass one of them")
-        if ranks not in ("zero", "all"):
-            raise ValueError(f"ranks must be 'zero' (only rank 0 writes) or 'all' (one run per rank), got {ranks!r}")
-        if wandb_kwargs is not None and not isinstance(wandb_kwargs, Mapping):
-            raise TypeError(
-                f"wandb_kwargs must be a mapping of wandb.init arguments, got {type(wandb_kwargs).__name__}"
-            )
+        _check_modes(update_ratio, overwrite, resume, ranks, wandb_kwargs)
         rank, world = _rank()
         self.rank = rank
         """This process's global rank (0 when not distributed)."""
@@ -890,6 +914,7 @@ class Monitor:
         self._sinks: list[Sink] = []
         self._closed = not self.active
         self._busy = False
+        self._pid = os.getpid()
         self._run: RunDirectory | None = None
         counts = _Counts()
         if self.active:
@@ -1053,6 +1078,8 @@ class Monitor:
 
     def _flush_for_signal(self) -> bool:
         """SIGTERM: write what is staged; ``True`` when a write is in progress (it finishes, then passes it on)."""
+        if self._pid != os.getpid():  # a forked child (a DataLoader worker) inherited the handler: not its log
+            return False
         if self._busy:
             return True
         try:
