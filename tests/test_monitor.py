@@ -975,3 +975,25 @@ def test_a_forked_child_never_writes_its_parents_log(tmp_path):
     monitor.close()
     steps = [r for r in _strict_lines(tmp_path / "metrics.jsonl") if r["type"] == "step"]
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5]  # written once, by the owner
+
+
+def test_sigterm_during_a_write_lets_the_write_finish_first(tmp_path):
+    import signal
+
+    events: list[str] = []
+
+    class Interrupted(gg.monitor.Sink):
+        def write(self, records):
+            if any(r["type"] == "step" for r in records) and not events:
+                os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler at once: inside this write
+                events.append(f"write of {len(records)} records finished")
+
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: events.append("previous handler"))
+    try:
+        with gg.Monitor(tmp_path, sinks=["jsonl", Interrupted()], flush_every=3) as monitor:
+            for i in range(3):
+                monitor.record(None, loss=float(i))
+        assert events == ["write of 3 records finished", "previous handler"]  # deferred until the write ended
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert [r["step"] for r in _strict_lines(tmp_path / "metrics.jsonl") if r["type"] == "step"] == [1, 2, 3]
