@@ -720,8 +720,13 @@ def test_rank_from_torchrun_environment_before_init(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     quiet = gg.Monitor(tmp_path / "zero")
     quiet.record(None, loss=1.0)
+    assert not quiet.closed
+    with pytest.raises(ValueError, match="loss must hold one value"):  # arguments are still checked
+        quiet.record(None, loss=torch.ones(2))
     quiet.close()
-    assert not quiet.active and not (tmp_path / "zero").exists()  # rank 1 with ranks="zero": nothing created
+    assert quiet.closed and not quiet.active and not (tmp_path / "zero").exists()  # rank 1, ranks="zero": nothing
+    with pytest.raises(RuntimeError, match="closed"):
+        quiet.record(None, loss=1.0)
     with gg.Monitor(tmp_path / "all", ranks="all") as mine:
         mine.record(None, loss=1.0)
     assert mine.path == tmp_path / "all" / "rank1" / "metrics.jsonl" and mine.path.is_file()
@@ -820,7 +825,7 @@ def test_custom_sink_instances_beside_named_sinks(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mine")
     a, b = _ListSink("a"), _ListSink("b")  # two instances of one custom class are fine
     mine = logging.getLogger("mine")
-    with gg.Monitor(tmp_path, per_layer_every=4, sinks=["jsonl", a, b, LoggingSink(mine)]) as monitor:
+    with gg.Monitor(tmp_path, per_layer_every=4, sinks=iter(["jsonl", a, b, LoggingSink(mine)])) as monitor:
         _train(monitor, steps=8)
     assert monitor.sinks == ("jsonl", "_ListSink", "_ListSink", "logging")
     on_disk = _strict_lines(tmp_path / "metrics.jsonl")

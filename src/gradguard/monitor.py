@@ -568,6 +568,7 @@ class WandbSink(Sink):
 
 
 def _sink_names(sinks: Iterable[str | Sink]) -> tuple[str, ...]:
+    """How sinks are named in ``Monitor.sinks`` and the ``meta`` record: built-in names, else the class name."""
     return tuple(s if isinstance(s, str) else (s.name or type(s).__name__) for s in sinks)
 
 
@@ -906,13 +907,13 @@ class Monitor:
         if self.log_dir.exists() and not self.log_dir.is_dir():
             raise ValueError(f"log_dir {str(self.log_dir)!r} exists and is not a directory; pass a directory path")
         sink_objects = _make_sinks(sinks, wandb_kwargs)
-        self.sinks = _sink_names(sinks if not isinstance(sinks, (str, Sink)) else (sinks,))
+        self.sinks = _sink_names(sink_objects)
         self.path = self.log_dir / JSONL_NAME
         self.flags: list[HealthFlag] = []
         """Every health flag raised so far (written to the sinks as ``health`` records)."""
         self._probe = _LayerProbe(self.per_layer_every, float(norm_type), update_ratio)
         self._sinks: list[Sink] = []
-        self._closed = not self.active
+        self._closed = False
         self._busy = False
         self._pid = os.getpid()
         self._run: RunDirectory | None = None
@@ -1011,7 +1012,7 @@ class Monitor:
             self.flush()
 
     def _check_record(self, stats: Any, loss: Any, skipped: Any, reason: Any, lr: Any, model: Any, step: Any) -> None:
-        if self._closed and self.active:
+        if self._closed:
             raise RuntimeError("this Monitor is closed; create a new gg.Monitor to record another run")
         if stats is not None and not isinstance(stats, ClipStats):
             raise TypeError(
@@ -1035,7 +1036,7 @@ class Monitor:
     # ----------------------------------------------------------------------------------------------- writing
     def flush(self) -> None:
         """Copy the recorded values to the host (one transfer per device) and write them to every sink."""
-        if self._closed or self._busy:
+        if self._closed or self._busy or not self.active:
             return
         self._busy = True
         try:
@@ -1090,7 +1091,8 @@ class Monitor:
 
     def close(self) -> None:
         """Write what is pending, an ``end`` record, and close every sink. Safe to call twice."""
-        if self._closed:
+        if self._closed or not self.active:
+            self._closed = True
             return
         try:
             self.flush()
