@@ -1,14 +1,15 @@
 """Peak RSS of per-layer monitoring (issue 11): ``Monitor(per_layer_every=1)`` vs ``per_layer_every=None``.
 
 Each configuration runs in a fresh process (peak RSS, ``VmHWM``, is per process). A model of 8 Linear(1024, 1024)
-layers (32 MiB of fp32 parameters) trains 6 SGD steps, recorded standalone; the figure is the peak RSS above the
-peak of the same loop with no per-layer records, in units of parameter bytes.
+layers (32 MiB of fp32 parameters) trains 6 SGD steps, recorded standalone; the figure is the median peak RSS
+(of interleaved runs) above that of the same loop with no per-layer records, in units of parameter bytes.
 
     python benchmarks/mem_monitor.py
 """
 
 from __future__ import annotations
 
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,11 +42,16 @@ def peak(every: str) -> tuple[int, int]:
     return int(out[0]), int(out[1])
 
 
-def main() -> None:
-    base, param_bytes = min(peak("none") for _ in range(3))
-    layered = min(peak("1")[0] for _ in range(3))
-    print(f"parameters: {param_bytes / 2**20:.0f} MiB; peak RSS per_layer_every=None {base / 2**20:.0f} MiB, "
-          f"per_layer_every=1 {layered / 2**20:.0f} MiB: +{(layered - base) / param_bytes:.2f}x parameter bytes")
+def main(repeats: int = 5) -> None:
+    bases, layered = [], []
+    for _ in range(repeats):  # interleaved, so drift on a shared machine hits both alike
+        base, param_bytes = peak("none")
+        bases.append(base)
+        layered.append(peak("1")[0])
+    base, top = statistics.median(bases), statistics.median(layered)
+    print(f"parameters: {param_bytes / 2**20:.0f} MiB; median peak RSS of {repeats} interleaved processes each: "
+          f"per_layer_every=None {base / 2**20:.0f} MiB, per_layer_every=1 {top / 2**20:.0f} MiB: "
+          f"+{(top - base) / param_bytes:.2f}x parameter bytes")
 
 
 if __name__ == "__main__":
