@@ -228,7 +228,10 @@ class RunDirectory:
             try:
                 _try_lock(fd)
             except OSError:
-                holder = os.read(fd, 32).decode(errors="replace").strip() or "another Monitor"
+                try:
+                    holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                except OSError:  # pragma: no cover - Windows: the locked byte cannot be read
+                    holder = "unknown"
                 os.close(fd)
                 raise FileExistsError(
                     f"{str(self.path)!r} is being written by another gg.Monitor (pid {holder}); one log has one "
@@ -845,7 +848,8 @@ class Monitor:
         ranks: under ``torch.distributed`` (or ``torchrun``'s ``RANK``), ``"zero"`` (default): only global rank 0
             writes, into ``log_dir``; the Monitor on every other rank records nothing and creates nothing (the
             gradient norms and the Guard's decisions are global, the loss is rank 0's). ``"all"``: every rank
-            writes its own run into ``log_dir/rank<r>`` (``gradguard report log_dir`` overlays them).
+            writes its own run into ``log_dir/rank<r>`` (``gradguard report log_dir`` overlays them; a single
+            process writes into ``log_dir`` itself).
         wandb_kwargs: extra arguments for ``wandb.init`` (default ``mode="offline"``, ``dir=log_dir``).
 
     One log has one owner: the Monitor locks ``log_dir`` while open, and a second Monitor on it (another process,
