@@ -328,6 +328,10 @@ def test_bad_arguments_raise_before_anything_is_created(tmp_path):
         gg.Monitor(target, per_layer_every=1.5)
     with pytest.raises(TypeError, match="log_dir must be a path"):
         gg.Monitor(3)
+    with pytest.raises(ValueError, match="norm_type"):
+        gg.Monitor(target, norm_type=-1.0)
+    with pytest.raises(TypeError, match="resume must be a bool"):
+        gg.Monitor(target, resume="yes")
     assert not target.exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(ValueError, match="not a directory"):

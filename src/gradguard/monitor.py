@@ -70,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from gradguard import norms
+from gradguard._checks import check_norm_type
 from gradguard.clippers.base import ClipStats
 from gradguard.clippers.state import check_int, check_number
 from gradguard.health import HealthFlag, LayerHealth
@@ -915,7 +916,7 @@ class Monitor:
         self.path = self.log_dir / JSONL_NAME
         self.flags: list[HealthFlag] = []
         """Every health flag raised so far (written to the sinks as ``health`` records)."""
-        self._probe = _LayerProbe(self.per_layer_every, float(norm_type), update_ratio)
+        self._probe = _LayerProbe(self.per_layer_every, check_norm_type(norm_type), update_ratio)
         self._sinks: list[Sink] = []
         self._closed = False
         self._busy = False
