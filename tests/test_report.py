@@ -117,7 +117,7 @@ def test_report_of_a_diverged_run_and_a_crash_truncated_file(tmp_path):
     assert len(loaded.steps) == 6 and "cut short" in loaded.warnings[0]
     result = build_report(run)
     html = result.html.read_text()
-    assert "cut short" in html and ">3</td>" in html  # the first non-finite step is in the summary
+    assert "cut short" in html and ">4</td>" in html  # the first non-finite step (the 4th: steps count from 1)
     for p in result.images:
         _check_png(p.read_bytes())
 

@@ -28,7 +28,7 @@ from gradguard.functional import (
 from gradguard.guard import Guard, SpikeDetector, StepReport
 from gradguard.health import HealthFlag, LayerHealth
 from gradguard.hooks import attach
-from gradguard.monitor import Monitor
+from gradguard.monitor import Monitor, Sink
 
 __version__ = "0.1.0"
 
@@ -47,6 +47,7 @@ __all__ = [
     "Monitor",
     "NonFiniteError",
     "NormClip",
+    "Sink",
     "SpikeDetector",
     "StepReport",
     "Suggestion",
