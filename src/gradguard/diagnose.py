@@ -618,7 +618,9 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
 
 
 def _cuda_devices() -> list[int]:
-    return list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def _read(flags: list[Tensor]) -> list[tuple[bool, bool]]:
@@ -746,7 +748,8 @@ def locate_nonfinite(
                         locator.recs[r].kind, locator.recs[r].name = "param", name
             if not isinstance(loss, Tensor):
                 raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
-            loss_rec = locator.where.get(k) if (k := _storage_key(loss)) is not None else None
+            loss_key = _storage_key(loss)
+            loss_rec = locator.where.get(loss_key) if loss_key is not None else None
             if loss.grad_fn is not None and loss_rec is not None:
                 made = locator.made_by.get(loss)
                 if made is not None:
@@ -761,7 +764,8 @@ def locate_nonfinite(
             with_grad = [(n, p.grad) for n, p in params if p.grad is not None]
             grad_flags = len(locator.flags)
             locator.flags.extend(_flags(g) for _, g in with_grad)
-            grad_recs = [locator.where.get(k) if (k := _storage_key(g)) is not None else None for _, g in with_grad]
+            grad_keys = [_storage_key(g) for _, g in with_grad]
+            grad_recs = [locator.where.get(gk) if gk is not None else None for gk in grad_keys]
             flags = _read(locator.flags)  # the one host read
     finally:
         for (_, p), g in zip(params[: len(saved_grads)], saved_grads):
@@ -795,21 +799,21 @@ def locate_nonfinite(
         inf_in = [i for i in rec.inputs if graph.inf(i)]
         src = graph.origin(inf_in, nan=False) if inf_in else None
         if src is not None:
-            s = locator.recs[src]
+            srec = locator.recs[src]
             # an Inf written on purpose (a -inf mask fill, where(..., -inf)) or one the forward pass discarded
             # (it reached the NaN only through a backward op): the NaN is born where it was made
-            deliberate = any(math.isinf(x) for x in s.scalars) or _base(rec.op) in _SOFTMAX
-            crossed = rec.kind == "backward" and s.kind == "forward"
-            if s.kind in ("input", "param") and not deliberate and _base(rec.op) not in _SOFTMAX:
-                o, rec = src, s  # the batch (or a weight) held the Inf that became NaN
+            deliberate = any(math.isinf(x) for x in srec.scalars) or _base(rec.op) in _SOFTMAX
+            crossed = rec.kind == "backward" and srec.kind == "forward"
+            if srec.kind in ("input", "param") and not deliberate and _base(rec.op) not in _SOFTMAX:
+                o, rec = src, srec  # the batch (or a weight) held the Inf that became NaN
             elif deliberate or crossed:
-                facts["inf_op"] = s.op if s.kind != "backward" else _op_of_node(locator, s)
-                facts["inf_dtype"] = s.dtype
+                facts["inf_op"] = srec.op if srec.kind != "backward" else _op_of_node(locator, srec)
+                facts["inf_dtype"] = srec.dtype
                 if crossed:
                     facts["discarded"] = True
             else:  # an Inf computed on the same path (overflow, x / 0, log 0) then became NaN: blame the Inf
                 facts["nan_op"] = rec.op if rec.kind == "forward" else _op_of_node(locator, rec)
-                o, rec = src, s
+                o, rec = src, srec
     value = _value(graph.nan(o), graph.inf(o))
     if rec.kind == "param":
         cause, fix = explain("step", facts={"params_before": True})
