@@ -175,6 +175,21 @@ def _overflow(what: str, dtype: torch.dtype | None) -> tuple[str, str]:
     )
 
 
+def _scaled_overflow(dtype: torch.dtype | None, node: str | None) -> tuple[str, str]:
+    """An Inf in backward with a loss scale: the scaler's overflow (float16), or a real one in other dtypes."""
+    if dtype == torch.bfloat16:
+        cause, fix = _overflow(f"the backward pass ({node})" if node else "the scaled backward pass", dtype)
+        return cause, fix + "; bfloat16 needs no loss scaling: drop the GradScaler"
+    if dtype in (torch.float32, torch.float64):
+        return _overflow(f"the backward pass ({node})" if node else "the scaled backward pass", dtype)
+    return (
+        "gradient overflow under loss scaling (float16 range exceeded); the GradScaler lowers its scale and the "
+        "step is skipped — expected occasionally, a problem if it repeats",
+        "if it repeats: lower GradScaler's init_scale (or growth_factor), or use bfloat16 autocast (float32's "
+        "range, no scaler needed)",
+    )
+
+
 def explain(
     stage: str,
     op: str | None = None,
@@ -219,6 +234,8 @@ def explain(
         )
     inf_op = facts.get("inf_op")
     nan_op = facts.get("nan_op")
+    if stage == "backward" and scaled and not nan and not node:
+        return _scaled_overflow(dtype, node)
     if stage == "forward" or (stage == "backward" and not node and op):
         rule = _forward_rule(base, op, nan, dtype, facts)
         if rule is not None:
@@ -279,13 +296,7 @@ def explain(
             "clamp the argument: torch.log(x.clamp_min(eps)); for p * log(p) use torch.xlogy(p, p)" + where_note,
         )
     if scaled and not nan:
-        if dtype == torch.bfloat16:
-            return _overflow(f"the backward pass ({node})" if node else "the backward pass", dtype)
-        return (
-            "gradient overflow under loss scaling (float16 range exceeded); the GradScaler lowers its scale and the "
-            "step is skipped — expected occasionally, a problem if it repeats",
-            "if it repeats: lower GradScaler's init_scale, or use bfloat16 autocast (no scaler needed)",
-        )
+        return _scaled_overflow(dtype, node)
     if nan:
         return (
             f"a NaN was produced in the backward pass{f' in {node}' if node else ''} from finite values (0 * inf or "
@@ -406,20 +417,19 @@ def _forward_op_of(node_name: str | None) -> str | None:
         return None
     base = node_name.split("Backward")[0]
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
-    for name in (f"_{snake}", snake):
-        if hasattr(torch.ops.aten, name):
-            packet = getattr(torch.ops.aten, name)
-            if name == snake or _has_autograd_formula(packet):
-                return f"aten.{name}"
+    for name in (f"_{snake}", snake, f"{snake}_forward"):
+        if hasattr(torch.ops.aten, name) and _has_autograd_formula(getattr(torch.ops.aten, name)):
+            return f"aten.{name}"
     return f"aten.{snake}"
 
 
 def _has_autograd_formula(packet: Any) -> bool:
     """Whether an aten op has its own autograd kernel (so autograd names its node after it)."""
     try:
-        overload = getattr(packet, packet.overloads()[0])
-        return not torch._C._dispatch_has_kernel_for_dispatch_key(overload.name(), "CompositeImplicitAutograd")
-    except (AttributeError, IndexError, RuntimeError):
+        return any(not torch._C._dispatch_has_kernel_for_dispatch_key(getattr(packet, o).name(),
+                                                                       "CompositeImplicitAutograd")
+                   for o in packet.overloads())
+    except (AttributeError, RuntimeError):
         return False
 
 
