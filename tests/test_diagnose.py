@@ -246,10 +246,15 @@ def test_overflow_advice_fits_the_dtype(dtype):
 
 
 def test_scaled_overflow_advice_fits_the_dtype():
+    # a float16 weight whose float32 gradient, times a GradScaler-like loss scale, overflows when cast back
+    d, _ = locate(lambda w: (w.float() * 10.0).sum(), torch.ones(3, dtype=torch.float16), loss_scale=2.0**16)
+    assert (d.stage, d.node, d.op, d.value) == ("backward", "ToCopyBackward0", "aten._to_copy", "inf"), str(d)
+    assert "loss scaling" in d.cause and "init_scale" in d.fix and "bfloat16 autocast" in d.fix
     fp16 = explain("backward", "aten.mm", "MmBackward0", scaled=True, value="inf", dtype=torch.float16)
     bf16 = explain("backward", "aten.mm", "MmBackward0", scaled=True, value="inf", dtype=torch.bfloat16)
     assert "loss scaling" in fp16[0] and "bfloat16" in fp16[1]
-    assert "use bfloat16" not in bf16[1] and "bfloat16 autocast" not in bf16[1] and "float32" in bf16[1]
+    assert "loss scaling" in bf16[0] and "float32" in bf16[1] and "drop the GradScaler" in bf16[1]
+    assert "use bfloat16" not in bf16[1] and "bfloat16 autocast" not in bf16[1]
     # a NaN is never explained as an overflow to clip
     nan = explain("backward", "aten.mul", "MulBackward0", value="nan", dtype=torch.float32)
     assert no_clip_advice(nan[1]) and "overflow" not in nan[0]

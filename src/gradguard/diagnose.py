@@ -1,20 +1,23 @@
-"""Where did the NaN come from? The op-level locator, the Diagnosis, and the cause rules.
+"""Where the NaN came from: the op-level locator, the Diagnosis, and the cause rules.
 
 The troubleshooting flow every practitioner runs by hand, automated:
 
-1. a non-finite value already in the batch -> ``stage="input"``: fix the data;
-2. the loss is non-finite -> the forward pass made it (``log(0)``, division by zero, ``exp`` overflow): add eps,
-   clamp, subtract the max;
-3. the loss is finite but gradients are not -> the backward pass (``sqrt``/``pow`` at 0 has an infinite
-   derivative; overflow): add eps inside the root, clip, use a GradScaler;
-4. gradients finite, parameters non-finite after ``optimizer.step()`` -> ``stage="step"``: the learning rate is too
-   high (or the optimizer's eps too small).
+1. the batch holds the NaN/Inf that reaches the loss -> ``stage="input"``: fix the data;
+2. the loss is non-finite -> the forward pass made it (``log(0)``, a division by zero, an overflow);
+3. the loss is finite but gradients are not -> ``stage="backward"`` (an infinite derivative at the edge of a domain,
+   a discarded ``torch.where`` branch whose derivative is ``0 * inf``, degenerate eigenvalues, an overflow);
+4. gradients finite, parameters non-finite after ``optimizer.step()`` -> ``stage="step"``: the update was too large
+   (parameters already non-finite before the step are a corrupt init or checkpoint instead).
 
-:func:`locate_nonfinite` replays one step under a ``TorchDispatchMode`` that records, in execution order, a
-non-finite flag for every floating-point output of every aten op (and for every input that no op produced: the
-batch, the parameters), with the module being run and, in backward, the autograd node. The flags stay on the
-device and are read once, at the end. Unlike ``torch.autograd.detect_anomaly`` it sees the forward pass, infinities
-as well as NaNs, and names the op where the value *started* rather than the first backward node that met it.
+:func:`locate_nonfinite` replays one step under a ``TorchDispatchMode`` that records every aten op output with the
+records its inputs came from (by storage: views and in-place writes keep the chain) and, for floating-point outputs,
+element-wise NaN/Inf flags (``isnan(t).any()``, ``isinf(t).any()``: never a sum, which overflows on finite masks
+of ``finfo.min``). The flags stay on the device and are read once, at the end. Blame follows the data: from what
+failed (the loss, else the gradients) the locator walks back along the values that reach it to the op where the
+NaN (or, for an Inf-only failure, the Inf) was born, so an Inf that a softmax or ``torch.where`` neutralised is never
+blamed. Unlike ``torch.autograd.detect_anomaly`` it sees the forward pass and infinities, and names the op where the
+value *started* rather than the first backward node that met it. :func:`explain` turns the op, the values and the
+dtype into a cause and a fix.
 """
 
 from __future__ import annotations
@@ -176,15 +179,19 @@ def _overflow(what: str, dtype: torch.dtype | None) -> tuple[str, str]:
 
 
 def _scaled_overflow(dtype: torch.dtype | None, node: str | None) -> tuple[str, str]:
-    """An Inf in backward with a loss scale: the scaler's overflow (float16), or a real one in other dtypes."""
-    if dtype == torch.bfloat16:
-        cause, fix = _overflow(f"the backward pass ({node})" if node else "the scaled backward pass", dtype)
-        return cause, fix + "; bfloat16 needs no loss scaling: drop the GradScaler"
-    if dtype in (torch.float32, torch.float64):
-        return _overflow(f"the backward pass ({node})" if node else "the scaled backward pass", dtype)
+    """An Inf in backward with a loss scale: the scaler's expected float16 overflow, or a scale that is simply too
+    large for a dtype with float32's range (which needs no scaling)."""
+    where = f" in {node}" if node else ""
+    if dtype in (torch.bfloat16, torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        return (
+            f"gradient overflow under loss scaling{where}: the scaled gradients exceeded {name}'s range",
+            f"{name} has float32's range and needs no loss scaling: drop the GradScaler (or lower its init_scale); "
+            "if it repeats without one, scale the values down and lower the learning rate",
+        )
     return (
-        "gradient overflow under loss scaling (float16 range exceeded); the GradScaler lowers its scale and the "
-        "step is skipped — expected occasionally, a problem if it repeats",
+        f"gradient overflow under loss scaling{where} (float16 range exceeded); the GradScaler lowers its scale and "
+        "the step is skipped — expected occasionally, a problem if it repeats",
         "if it repeats: lower GradScaler's init_scale (or growth_factor), or use bfloat16 autocast (float32's "
         "range, no scaler needed)",
     )
