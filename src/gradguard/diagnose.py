@@ -440,15 +440,16 @@ def _has_autograd_formula(packet: Any) -> bool:
         return False
 
 
-def _storage_key(t: Tensor) -> tuple[str, int] | None:
-    """Identity of a tensor's memory: views and in-place writes share it; ``None`` for empty or meta tensors."""
-    if t.device.type == "meta" or t.is_sparse:
+def _storage_key(t: Tensor) -> torch.UntypedStorage | None:
+    """The memory a tensor's values live in: views and in-place writes share it. The storage object itself (torch
+    keeps one Python object per storage), so keys die with the memory and a reused address is never confused with
+    it. ``None`` for empty, meta, sparse or storage-less (subclass) tensors."""
+    if t.device.type == "meta" or t.is_sparse or not t.numel():
         return None
     try:
-        ptr = t.untyped_storage().data_ptr()
+        return t.untyped_storage()
     except (RuntimeError, NotImplementedError, TypeError):
         return None
-    return (str(t.device), ptr) if ptr else None
 
 
 def _flags(t: Tensor) -> Tensor:
@@ -483,11 +484,11 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Records every op output in execution order: which records its inputs came from (by storage) and, for
     floating-point outputs, device-side NaN/Inf flags. Nothing is read on the host until the end."""
 
-    def __init__(self, param_names: dict[tuple[str, int], str], modules: _Modules) -> None:
+    def __init__(self, param_names: dict[int, str], modules: _Modules) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.param_names = param_names  # storage key -> parameter name
+        self.param_names = param_names  # id(storage) of a parameter (alive throughout) -> its name
         self.modules = modules
-        self.where: dict[tuple[str, int], int] = {}  # storage key -> the record that last wrote it
+        self.where: Any = torch.utils.weak.WeakIdKeyDictionary()  # storage -> the record that last wrote it
         self.recs: list[_Rec] = []
         self.flags: list[Tensor] = []
         self.made_by: Any = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> op packet that created it
@@ -508,7 +509,7 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
             return None
         r = self.where.get(key)
         if r is None:
-            name = self.param_names.get(key)
+            name = self.param_names.get(id(key))
             r = self._new(_Rec("param" if name else "input", op, module, None, (), t.dtype, None, name), t)
             self.where[key] = r
         return r
@@ -748,8 +749,8 @@ def locate_nonfinite(
     for _, p in params:
         p.grad = None
 
-    def names(ps: list[tuple[str, Tensor]]) -> dict[tuple[str, int], str]:
-        return {k: n for n, p in ps if (k := _storage_key(p)) is not None}
+    def names(ps: list[tuple[str, Tensor]]) -> dict[int, str]:
+        return {id(k): n for n, p in ps if (k := _storage_key(p)) is not None}
 
     try:
         with torch.random.fork_rng(devices=_cuda_devices()), _module_tracking(model) as modules:
@@ -759,8 +760,9 @@ def locate_nonfinite(
             if model is None and modules.root is not None:  # name parameters after the root module the closure ran
                 params = list(modules.root.named_parameters())
                 locator.param_names.update(names(params))
-                for k, name in names(params).items():
-                    r = locator.where.get(k)
+                for name, p in params:
+                    key = _storage_key(p)
+                    r = locator.where.get(key) if key is not None else None
                     if r is not None and locator.recs[r].kind == "input":
                         locator.recs[r].kind, locator.recs[r].name = "param", name
             if not isinstance(loss, Tensor):
