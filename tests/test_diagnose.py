@@ -34,7 +34,7 @@ def locate(fn, w, *args, **kwargs):
 class MaskedAttention(nn.Module):
     """Scaled dot-product attention with an additive mask, written out (softmax over masked scores)."""
 
-    def __init__(self, fill: str = "-inf", poison: bool = False) -> None:
+    def __init__(self, fill: str = "-inf", poison: str | None = None) -> None:
         super().__init__()
         self.q = nn.Linear(4, 4)
         self.out = nn.Linear(4, 1)
@@ -46,8 +46,10 @@ class MaskedAttention(nn.Module):
         value = float("-inf") if self.fill == "-inf" else torch.finfo(scores.dtype).min
         scores = scores.masked_fill(pad[:, None, :], value)
         h = torch.softmax(scores, dim=-1) @ x
-        if self.poison:
+        if self.poison == "log":
             h = torch.log(h - h)  # log(0) = -inf: the real failure, after the mask
+        elif self.poison == "exp":
+            h = torch.exp(h * 1e3)  # overflow: an Inf-only failure, after the mask
         return self.out(h).mean()
 
 
@@ -64,9 +66,13 @@ def test_masks_are_not_blamed(fill):
     x, pad = masked_batch()
     model = MaskedAttention(fill)
     assert gg.locate_nonfinite(lambda: model(x, pad), model) is None  # a healthy masked step: nothing to report
-    model.poison = True
+    model.poison = "log"
     d = gg.locate_nonfinite(lambda: model(x, pad), model)
     assert (d.stage, d.module, d.op, d.value) == ("forward", "", "aten.log.default", "inf"), str(d)
+    model.poison = "exp"  # the first Inf of the step is the mask; the failure's Inf is born in exp
+    d = gg.locate_nonfinite(lambda: model(x, pad), model)
+    assert (d.stage, d.module, d.op, d.value) == ("forward", "", "aten.exp.default", "inf"), str(d)
+    assert "overflow" in d.cause
 
 
 def test_finfo_min_mask_whose_sum_overflows_is_healthy():
@@ -86,12 +92,13 @@ def test_neg_inf_mask_passed_in_the_batch_is_not_the_input_stage():
     model = MaskedAttention()
     additive = torch.zeros(2, 1, 5).masked_fill(pad[:, None, :], float("-inf"))  # an -inf mask from the data loader
 
-    def closure():
+    def closure(shift):
         scores = model.q(x) @ x.transpose(1, 2) + additive
         h = torch.softmax(scores, -1) @ x
-        return model.out(torch.sqrt(h - 10.0)).mean()  # sqrt of a negative number: the real failure
+        return model.out(torch.sqrt(h - shift)).mean()  # sqrt of a negative number for shift=10: the real failure
 
-    d = gg.locate_nonfinite(closure, model)
+    assert gg.locate_nonfinite(lambda: closure(-10.0), model) is None
+    d = gg.locate_nonfinite(lambda: closure(10.0), model)
     assert (d.stage, d.op, d.value) == ("forward", "aten.sqrt.default", "nan"), str(d)
     assert "input batch" not in d.cause
 
@@ -260,6 +267,13 @@ def test_scaled_overflow_advice_fits_the_dtype():
     assert no_clip_advice(nan[1]) and "overflow" not in nan[0]
 
 
+def test_unlocated_explanations_do_not_prescribe_clipping_for_a_nan():
+    cause, fix = explain("backward")  # the step gate knows only that some gradient is non-finite
+    assert "only if it is an overflow" in fix and "gg.locate_nonfinite" in fix
+    cause, fix = explain("forward")
+    assert "non-finite" in cause and "clip" not in fix
+
+
 # -------------------------------------------------------------------------------------------------------- the RNG
 def test_replay_restores_the_rng_even_when_the_closure_fails():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
@@ -340,12 +354,22 @@ class Poison(nn.Module):
         return torch.sqrt(x - 1e3)
 
 
-@pytest.mark.parametrize(("name", "where"), [("gpt2", "transformer.h.1.mlp.act"), ("llama", "model.layers.1.mlp.act_fn")])
-def test_transformer_nan_is_blamed_on_its_op_not_the_masks(name, where):
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("name", "where"), [("gpt2", "transformer.h.1.mlp.act"), ("llama", "model.layers.1.mlp.act_fn"),
+                                             ("t5", "decoder.block.1.layer.2.DenseReluDense.act")])
+def test_transformer_nan_is_blamed_on_its_op_not_the_masks(name, where, autocast):
     model = hf_model(name)
     parent, attr = where.rsplit(".", 1)
     setattr(model.get_submodule(parent), attr, Poison())
     ids, mask, labels = hf_batch(0)
-    d = gg.locate_nonfinite(lambda: model(input_ids=ids, attention_mask=mask, labels=labels).loss, model)
+
+    def closure():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    d = gg.locate_nonfinite(closure, model)
     assert (d.stage, d.module, d.op, d.value) == ("forward", where, "aten.sqrt.default", "nan"), str(d)
     assert "sqrt of a negative number" in d.cause
+    guard = gg.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert guard.step(closure).skipped
+    assert (guard.diagnosis.stage, guard.diagnosis.module, guard.diagnosis.op) == ("forward", where, "aten.sqrt.default")

@@ -243,6 +243,20 @@ def explain(
     nan_op = facts.get("nan_op")
     if stage == "backward" and scaled and not nan and not node:
         return _scaled_overflow(dtype, node)
+    if value is None and op is None and node is None:  # not located: only the stage is known
+        if stage == "forward":
+            return (
+                "the loss is non-finite: the forward pass produced a NaN or Inf (log(0), a division by zero, an "
+                "out-of-domain input, an overflow)",
+                "name the op first (gg.locate_nonfinite); then keep its input in the domain: log(x.clamp_min(eps)), "
+                "y.clamp_min(eps) in a denominator, subtract the max before exp",
+            )
+        return (
+            "the loss is finite but gradients are not: an infinite derivative (sqrt, log or a division at 0, "
+            "including in a branch torch.where discards), degenerate eigenvalues, or an overflow",
+            "name the op first (gg.locate_nonfinite); add eps / clamp at that op; clip gradients only if it is an "
+            "overflow (Inf): clipping cannot repair a NaN",
+        )
     if stage == "forward" or (stage == "backward" and not node and op):
         rule = _forward_rule(base, op, nan, dtype, facts)
         if rule is not None:
