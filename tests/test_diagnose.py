@@ -149,6 +149,45 @@ def test_discarded_exp_overflow_is_a_backward_nan_not_a_forward_inf():
     assert "clip" not in d.fix.lower()
 
 
+def test_nan_discarded_in_forward_reaches_only_the_gradients():
+    # sqrt(-1) = NaN in the untaken branch: the loss is finite, SqrtBackward0 divides by that NaN
+    d, _ = locate(lambda w: torch.where(w > 0, torch.sqrt(w), torch.zeros_like(w)).sum(), [-1.0, 4.0])
+    assert (d.stage, d.node, d.op, d.value) == ("backward", None, "aten.sqrt.default", "nan"), str(d)
+    assert "sqrt of a negative number" in d.cause and "the loss never saw it" in d.cause
+    assert "double where" in d.fix
+
+
+def test_an_overflow_inside_batch_norm_is_the_forward_op_not_the_input():
+    # native_batch_norm updates its running stats and returns a new output: an overflow made there (a scale of
+    # 3e38 times normalised values above 1.2; NaN where the Infs meet) is the forward op's, not "the input batch"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 1))
+    with torch.no_grad():
+        model[1].weight.fill_(3e38)
+    d = gg.locate_nonfinite(lambda: model(torch.randn(8, 3)).sum(), model)
+    assert (d.stage, d.module, d.value) == ("forward", "1", "nan+inf") and "batch_norm" in d.op, str(d)
+    assert "overflow" in d.cause
+    # the functional variant declares its in-place writes (running stats) and returns new outputs: both recorded
+    torch.manual_seed(0)
+    x, mean, var = torch.randn(8, 4), torch.zeros(4), torch.ones(4)
+    bn = torch.ops.aten._native_batch_norm_legit.default
+    d, _ = locate(lambda w: bn(x, w, None, mean, var, True, 0.1, 1e-5)[0].sum(), torch.full((4,), 3e38))
+    assert (d.stage, d.op) == ("forward", "aten._native_batch_norm_legit.default"), str(d)
+
+
+def test_deliberate_inf_that_reaches_the_loss():
+    x, pad = masked_batch()
+    model = MaskedAttention()
+
+    def closure():  # logsumexp over a fully masked row is -inf: the mask's own -inf is the failure here
+        scores = (model.q(x) @ x.transpose(1, 2)).masked_fill(torch.ones_like(pad)[:, None, :], float("-inf"))
+        return torch.logsumexp(scores, -1).mean()
+
+    d = gg.locate_nonfinite(closure, model)
+    assert (d.stage, d.op, d.value) == ("forward", "aten.masked_fill.Scalar", "inf"), str(d)
+    assert "on purpose" in d.cause and "torch.finfo(dtype).min" in d.fix and "overflow" not in d.cause
+
+
 def test_autograd_nodes_map_to_the_exact_aten_op():
     # SoftmaxBackward0 -> aten._softmax: gradients of +-3e38 overflow inside the softmax backward
     c = torch.tensor([-3e38, 3e38])

@@ -261,14 +261,19 @@ def explain(
         rule = _forward_rule(base, op, nan, dtype, facts)
         if rule is not None:
             then = f"; the Inf then became NaN in {nan_op}" if nan_op and "0 * log(0)" not in rule[0] else ""
+            if stage == "backward" and facts.get("discarded"):
+                return (rule[0] + then + "; the loss never saw it (a branch torch.where discards, a masked value), "
+                        "but the backward pass did",
+                        rule[1] + "; or apply the op to torch.where(cond, x, safe) (the 'double where')")
             return rule[0] + then, rule[1]
         if nan and inf_op:  # inf - inf, 0 * inf, inf / inf: the Inf is the root
             cause, fix = _forward_rule(_base(inf_op), inf_op, False, facts.get("inf_dtype", dtype), {}) or (
                 f"{inf_op} produced an Inf", "")
             return (f"{op} turned an Inf into NaN (inf - inf, 0 * inf or inf / inf); the Inf came from {inf_op}: "
                     f"{cause}", fix or "keep the values finite where the Inf starts (clamp, eps, subtract the max)")
-        if not nan:
-            return _overflow(op or "the forward pass", dtype)
+        if not nan or value == "nan+inf":  # Inf (and NaN where Infs met, inside the op): an overflow
+            cause, fix = _overflow(op or "the forward pass", dtype)
+            return cause + (" (NaN where the Infs met)" if nan else ""), fix
         return (
             f"a NaN was produced in the forward pass{f' by {op}' if op else ''} from finite inputs",
             "check that op's inputs at this step (out-of-domain values); clamp them into its domain",
@@ -340,6 +345,13 @@ def _forward_rule(
 ) -> tuple[str, str] | None:
     """The op-specific rules for a value produced in the forward pass; ``None`` when no rule fits."""
     inf_op = facts.get("inf_op")
+    if facts.get("constant_inf") and not nan:
+        return (
+            f"an Inf written on purpose by {op} (a -inf mask fill) reached the loss: a row or sequence where every "
+            "position is masked",
+            "fill masks with torch.finfo(dtype).min instead of -inf, keep at least one position per row, or leave "
+            "fully masked rows out of the loss",
+        )
     if base in _LOGS and not nan and _base(facts.get("nan_op")) == "mul":
         return (
             f"0 * log(0): {op} gave -inf where its argument was 0 and {facts['nan_op']} multiplied it by 0 (the "
@@ -574,6 +586,9 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
                     val = kwargs[name]
                     written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val])
                                    if isinstance(v, Tensor))
+            # new outputs of a mutating op (native_batch_norm updates its running stats and returns a new output)
+            seen = [_storage_key(w) for w in written]
+            written.extend(t for t in outs if not any(k is not None and k is _storage_key(t) for k in seen))
         scalars = tuple(float(a) for a in flat if isinstance(a, (int, float)) and not isinstance(a, bool))
         first = next((t for t in flat if isinstance(t, Tensor)), None)
         uninit = op.startswith(_UNINITIALISED)
@@ -705,6 +720,14 @@ class _Graph:
                 origins.append(r)
         return min(origins) if origins else None
 
+    def first_origin(self, nan: bool, kind: str) -> int | None:
+        """Without a path to follow: the first record of ``kind`` (else any) that makes a NaN (or Inf) from inputs
+        without one, skipping Infs written on purpose (a ``-inf`` fill)."""
+        bad = self.nan if nan else (lambda r: self.nan(r) or self.inf(r))
+        found = [r for r, rec in enumerate(self.recs) if bad(r) and not any(bad(i) for i in rec.inputs)
+                 and (nan or not any(math.isinf(x) for x in rec.scalars))]
+        return next((r for r in found if self.recs[r].kind == kind), found[0] if found else None)
+
     def count_like(self, r: int, depth: int = 0) -> bool:
         """Whether record ``r`` holds a count: an integer/bool tensor, or a sum / conversion of one."""
         rec = self.recs[r]
@@ -781,8 +804,7 @@ def locate_nonfinite(
                         locator.recs[r].kind, locator.recs[r].name = "param", name
             if not isinstance(loss, Tensor):
                 raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
-            loss_key = _storage_key(loss)
-            loss_rec = locator.where.get(loss_key) if loss_key is not None else None
+            loss_rec = locator.source(loss, None, None)  # an input record if no op produced it
             if loss.grad_fn is not None and loss_rec is not None:
                 made = locator.made_by.get(loss)
                 if made is not None:
@@ -819,10 +841,8 @@ def locate_nonfinite(
     else:
         return None
     o = graph.origin(targets, want_nan)
-    if o is None:  # the failing value's producer was not recorded: fall back to the first bad record of the stage
-        kinds = ("input", "param", "forward") if stage == "forward" else ("input", "param", "forward", "backward")
-        o = next((i for i, r in enumerate(locator.recs) if r.kind in kinds and (graph.nan(i) if want_nan else
-                                                                               graph.inf(i) or graph.nan(i))), None)
+    if o is None:  # the failing value's producer was not recorded: the first origin of the stage, as a fallback
+        o = graph.first_origin(want_nan, "forward" if stage == "forward" else "backward")
     if o is None:
         cause, fix = explain(stage)
         return Diagnosis(stage, parameters=bad_params, cause=cause, fix=fix, step=step, located=True)
@@ -865,6 +885,10 @@ def locate_nonfinite(
             facts["eps"] = eps[0]
     if base in _STDVAR and rec.reduced <= 1:
         facts["single"] = True
+    if any(math.isinf(x) for x in rec.scalars) and graph.inf(o):
+        facts["constant_inf"] = True
+    if stage == "backward" and rec.kind == "forward":  # born in forward, reached only the gradients
+        facts["discarded"] = True
     if rec.kind == "forward":
         cause, fix = explain(stage, rec.op, None, value=value, dtype=rec.dtype, facts=facts,
                              scaled=loss_scale is not None)
