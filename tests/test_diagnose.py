@@ -221,9 +221,13 @@ def test_acos_at_one_has_an_infinite_derivative():
     assert "x = +-1" in d.cause and "at 0" not in d.cause and "clamp(-1 + eps, 1 - eps)" in d.fix
 
 
-def test_eigh_with_degenerate_eigenvalues():
-    d, _ = locate(lambda w: torch.linalg.eigh(w + w.T)[1].abs().sum(), torch.eye(3))
-    assert d.stage == "backward" and d.node == "LinalgEighBackward0" and d.op == "aten._linalg_eigh", str(d)
+@pytest.mark.parametrize(("fn", "node", "op"), [
+    (lambda w: torch.linalg.eigh(w + w.T)[1].abs().sum(), "LinalgEighBackward0", "aten._linalg_eigh"),
+    (lambda w: torch.linalg.svd(w)[0].abs().sum(), "LinalgSvdBackward0", "aten._linalg_svd"),
+], ids=["eigh", "svd"])
+def test_eigh_svd_with_degenerate_eigenvalues(fn, node, op):
+    d, _ = locate(fn, torch.eye(3))
+    assert (d.stage, d.node, d.op) == ("backward", node, op), str(d)
     assert "degenerate" in d.cause and "jitter" in d.fix and no_clip_advice(d.fix)
 
 

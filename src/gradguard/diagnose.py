@@ -285,8 +285,8 @@ def explain(
         return (
             f"the gradient of {op or short} divides by eigenvalue (singular value) gaps 1/(l_i - l_j): the matrix "
             "has degenerate (repeated) eigenvalues, so the backward pass is 0/0 or x/0",
-            "break the degeneracy: add a tiny jitter, e.g. A + 1e-6 * torch.diag(torch.randn(n)) (or a multiple of "
-            "the identity for an svd of a rank-deficient matrix); clipping cannot repair this",
+            "break the degeneracy with a tiny random jitter, e.g. A + 1e-6 * torch.diag(torch.randn(n)), or use "
+            "only quantities whose gradient is stable (eigenvalues, not eigenvectors); clipping cannot repair this",
         )
     if facts.get("discarded"):
         return (
