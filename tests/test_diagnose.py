@@ -186,6 +186,9 @@ def test_deliberate_inf_that_reaches_the_loss():
     d = gg.locate_nonfinite(closure, model)
     assert (d.stage, d.op, d.value) == ("forward", "aten.masked_fill.Scalar", "inf"), str(d)
     assert "on purpose" in d.cause and "torch.finfo(dtype).min" in d.fix and "overflow" not in d.cause
+    # when an overflow reaches the loss too, the computed Inf is the origin, not the mask that came first
+    d = gg.locate_nonfinite(lambda: closure() - torch.exp(model.out.weight.abs().sum() * 1e4), model)
+    assert (d.stage, d.op, d.value) == ("forward", "aten.exp.default", "inf"), str(d)
 
 
 def test_autograd_nodes_map_to_the_exact_aten_op():

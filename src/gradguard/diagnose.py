@@ -703,7 +703,8 @@ class _Graph:
 
     def origin(self, targets: list[int], nan: bool) -> int | None:
         """The first record (in execution order), reachable backwards from ``targets`` through records holding a
-        NaN (``nan=True``) or a NaN/Inf (``nan=False``), none of whose inputs hold one: where the value was born."""
+        NaN (``nan=True``) or a NaN/Inf (``nan=False``), none of whose inputs hold one: where the value was born.
+        Among several, one that computed its Inf is preferred to one that wrote an ``-inf`` constant (a mask fill)."""
         bad = self.nan if nan else (lambda r: self.nan(r) or self.inf(r))
         stack = [t for t in targets if bad(t)]
         seen: set[int] = set()
@@ -718,7 +719,8 @@ class _Graph:
                 stack.extend(upstream)
             else:
                 origins.append(r)
-        return min(origins) if origins else None
+        computed = [r for r in origins if not any(math.isinf(x) for x in self.recs[r].scalars)]
+        return min(computed or origins) if origins else None  # an Inf computed beats an -inf written on purpose
 
     def first_origin(self, nan: bool, kind: str) -> int | None:
         """Without a path to follow: the first record of ``kind`` (else any) that makes a NaN (or Inf) from inputs
