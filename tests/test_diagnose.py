@@ -285,6 +285,11 @@ def test_parameters_non_finite_before_the_step():
     d = gg.locate_nonfinite(lambda: lin(torch.ones(2, 3)).sum(), lin)
     assert (d.stage, d.parameters, d.value) == ("step", ("weight",), "nan"), str(d)
     assert "already non-finite" in d.cause and "checkpoint" in d.fix and "learning rate" not in d.fix
+    # a buffer too: BatchNorm running stats loaded non-finite, used in eval mode
+    model = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2)).eval()
+    model[1].running_mean[0] = math.nan
+    d = gg.locate_nonfinite(lambda: model(torch.ones(2, 3)).sum(), model)
+    assert (d.stage, d.parameters) == ("step", ("1.running_mean",)) and "already non-finite" in d.cause, str(d)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

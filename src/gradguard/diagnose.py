@@ -227,10 +227,11 @@ def explain(
         )
     if stage == "step" and facts.get("params_before"):
         return (
-            "parameters were already non-finite before this step (a corrupt initialisation or checkpoint, or an "
-            "earlier unguarded update): this step's data and learning rate are not the cause",
-            "reload a good checkpoint or re-initialise; check torch.isfinite(p).all() for every parameter after "
-            "loading (and after custom init code)",
+            "parameters (or buffers) were already non-finite before this step (a corrupt initialisation or "
+            "checkpoint, an earlier unguarded update, BatchNorm running stats fed a bad batch): this step's data and "
+            "learning rate are not the cause",
+            "reload a good checkpoint or re-initialise; check torch.isfinite(t).all() for every parameter and "
+            "buffer after loading (and after custom init code)",
         )
     if stage == "step":
         return (
@@ -793,13 +794,15 @@ def locate_nonfinite(
 
     try:
         with torch.random.fork_rng(devices=_cuda_devices()), _module_tracking(model) as modules:
-            locator = _Locator(names(params), modules)
+            named_buffers = list(model.named_buffers()) if model is not None else []
+            locator = _Locator(names(params + named_buffers), modules)  # a buffer (running stats) counts as state
             with _NodeOwner(modules), locator:
                 loss = closure()
             if model is None and modules.root is not None:  # name parameters after the root module the closure ran
                 params = list(modules.root.named_parameters())
-                locator.param_names.update(names(params))
-                for name, p in params:
+                named_buffers = list(modules.root.named_buffers())
+                locator.param_names.update(names(params + named_buffers))
+                for name, p in params + named_buffers:
                     key = _storage_key(p)
                     r = locator.where.get(key) if key is not None else None
                     if r is not None and locator.recs[r].kind == "input":
