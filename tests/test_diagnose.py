@@ -272,6 +272,15 @@ def test_pow_negative_base_vs_overflow():
     assert "negative base" not in d.cause
 
 
+def test_pow_backward_pole_at_zero_vs_growth():
+    d, _ = locate(lambda w: (w ** 0.5).sum(), [0.0, 4.0])  # d/dw w^0.5 = 0.5 w^-0.5: infinite at 0
+    assert (d.stage, d.node, d.op, d.value) == ("backward", "PowBackward0", "aten.pow", "inf"), str(d)
+    assert "infinite at 0" in d.cause and "eps" in d.fix
+    d, _ = locate(lambda w: (w ** 2.0).sum() * 3e38, [1.0, 0.1])  # 2 w * 3e38 overflows; no pole anywhere
+    assert (d.stage, d.node, d.op, d.value) == ("backward", "PowBackward0", "aten.pow", "inf"), str(d)
+    assert "infinite at 0" not in d.cause and "overflow" in d.cause
+
+
 def test_zero_times_log_zero():
     d, _ = locate(lambda w: -(w * torch.log(w)).sum(), [0.0, 0.5, 0.5])
     assert (d.stage, d.op) == ("forward", "aten.log.default"), str(d)

@@ -144,6 +144,7 @@ _DIVS = ("div", "div_", "true_divide", "reciprocal", "rsqrt", "floor_divide", "r
 _SOFTMAX = ("_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax", "logsumexp")
 _STDVAR = ("std", "var", "std_mean", "var_mean")
 _EIG = re.compile(r"^(Linalg(Eigh|Eig|Svd|Eigvalsh)|Svd|Symeig|Eig)")
+_GROWTH = ("mul", "add", "sub", "sum", "mm", "bmm", "addmm", "matmul", "baddbmm", "addcmul", "exp")
 _ROOTS = ("sqrt", "rsqrt", "pow", "norm", "linalg_vector_norm", "cdist", "_cdist_forward", "_euclidean_dist")
 
 
@@ -298,26 +299,27 @@ def explain(
         )
     where_note = (" (if the 0 is only in a branch torch.where discards, apply the op to torch.where(cond, x, safe) "
                   "instead)") if nan else ""
-    if base in ("acos", "asin"):
+    grew = not nan and facts.get("bw_op") in _GROWTH  # an Inf from multiplying finite values: not a pole at 0
+    if base in ("acos", "asin") and not grew:
         return (
             f"the derivative of {base} (-/+ 1 / sqrt(1 - x^2)) is infinite at x = +-1 in the backward pass",
             f"clamp the input strictly inside the domain: torch.{base}(x.clamp(-1 + eps, 1 - eps)) with eps ~1e-6 "
             "(1e-3 in float16/bfloat16)",
         )
-    if base in _ROOTS:
+    if base in _ROOTS and not grew:
         return (
             f"the derivative of {short or base} is infinite at 0 (sqrt, fractional pow, norm at a zero vector) in "
             "the backward pass",
             "add eps inside the root: torch.sqrt(x + 1e-12), (x + eps) ** p, or torch.linalg.vector_norm(x + eps); "
             "for distances, sqrt(squared_distance.clamp_min(eps))" + where_note,
         )
-    if base in _DIVS or base == "atan2":
+    if (base in _DIVS or base == "atan2") and not grew:
         return (
             f"the derivative of {short or base} (-x / y^2) is infinite where the denominator is 0 in the backward pass",
             "keep the denominator away from 0: y.clamp_min(eps) for a non-negative y, count.clamp_min(1) for a count"
             + where_note,
         )
-    if base in _LOGS:
+    if base in _LOGS and not grew:
         return (
             f"the derivative of {base} (1 / x) is infinite at x = 0 in the backward pass",
             "clamp the argument: torch.log(x.clamp_min(eps)); for p * log(p) use torch.xlogy(p, p)" + where_note,
@@ -894,6 +896,10 @@ def locate_nonfinite(
         facts["constant_inf"] = True
     if stage == "backward" and rec.kind == "forward":  # born in forward, reached only the gradients
         facts["discarded"] = True
+    if rec.kind == "backward":  # the aten op inside the node: a pole (div, rsqrt, pow < 0) or growth (mul, mm)
+        facts["bw_op"] = base
+        if base == "pow" and rec.scalars and rec.scalars[-1] >= 0:
+            facts["bw_op"] = "mul"  # x ** (p - 1) with p - 1 >= 0 grows, it has no pole
     if rec.kind == "forward":
         cause, fix = explain(stage, rec.op, None, value=value, dtype=rec.dtype, facts=facts,
                              scaled=loss_scale is not None)
