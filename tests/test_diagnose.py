@@ -260,7 +260,15 @@ def test_eps_already_in_the_denominator():
     d, _ = locate(lambda w, y: (w / (y + 1e-8)).float().sum(), torch.ones(2, dtype=torch.float16),
                   torch.zeros(2, dtype=torch.float16))
     assert (d.stage, d.op, d.value) == ("forward", "aten.div.Tensor", "inf"), str(d)
-    assert "already adds eps=1e-08" in d.cause and "float16's resolution" in d.cause and "float32" in d.fix
+    assert "already adds eps=1e-08" in d.cause and "rounds to 0" in d.cause and "float32" in d.fix
+    # the same for a log argument: log(p + 1e-8) of p = 0 in float16 is still log(0)
+    d, _ = locate(lambda w: torch.log(w + 1e-8).float().sum(), torch.tensor([0.0, 0.5], dtype=torch.float16))
+    assert (d.stage, d.op, d.value) == ("forward", "aten.log.default", "inf"), str(d)
+    assert "already adds eps=1e-08" in d.cause and "float32" in d.fix and "add a small eps" not in d.fix
+    # and a negative argument: no eps helps
+    d, _ = locate(lambda w: torch.sqrt(w + 1e-6).sum(), [-1.0, 4.0])
+    assert (d.stage, d.op, d.value) == ("forward", "aten.sqrt.default", "nan"), str(d)
+    assert "no eps can fix that" in d.cause and "clamp_min" in d.fix
 
 
 def test_pow_negative_base_vs_overflow():

@@ -388,14 +388,25 @@ def _forward_rule(
             "divide by count.clamp_min(1): the result is then 0 for an empty batch; do not add 1e-8 to a count "
             "(a numerator that is not exactly 0 becomes a 1e8x loss)",
         )
-    if base in _DIVS and "eps" in facts:
+    if base in (*_DIVS, *_LOGS, "sqrt", "rsqrt") and "eps" in facts:
         eps = facts["eps"]
-        tiny = f"{eps:g} is below {str(dtype).removeprefix('torch.')}'s resolution" if dtype in (
-            torch.float16, torch.bfloat16) else f"the denominator was exactly -{eps:g} or the eps was cancelled"
+        arg = "denominator" if base in _DIVS else "argument"
+        if nan and base not in _DIVS:
+            return (
+                f"{op} of a negative {arg} although it already adds eps={eps:g}: the value itself is negative, "
+                "no eps can fix that",
+                "find why it goes negative (rounding in a subtraction, 1 - p > 1); clamp it: x.clamp_min(eps) "
+                "instead of x + eps",
+            )
+        low = dtype in (torch.float16, torch.bfloat16)
+        tiny = (f"{eps:g} rounds to 0 next to these values in {str(dtype).removeprefix('torch.')}" if low else
+                f"the {arg} can be negative, and -{eps:g} cancels the eps")
         return (
-            f"division by zero in {op} although the denominator already adds eps={eps:g}: {tiny}",
-            "a larger eps will not help if it rounds away: compute the denominator in float32, or use "
-            "y.clamp_min(eps) with an eps the dtype represents (>= 1e-4 for float16)",
+            f"{'division by zero' if base in _DIVS else 'a zero'} in {op} although the {arg} already adds "
+            f"eps={eps:g}: {tiny}",
+            ("compute it in float32, or use x.clamp_min(eps) with an eps the dtype represents (>= 1e-4 for "
+             "float16); a larger eps added in the same dtype rounds away too") if low else
+            "use x.clamp_min(eps) for a quantity that must be positive instead of x + eps",
         )
     if base in _DIVS:
         what = "0 / 0" if nan else "a division by zero"
@@ -882,13 +893,17 @@ def locate_nonfinite(
         cause, fix = explain("input", value=value)
         return Diagnosis("input", rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
     base = _base(rec.op)
-    if base in _DIVS and len(rec.inputs) >= 2:
-        den = rec.inputs[1]
-        if graph.count_like(den):
+    arg = None  # the input at the edge of the domain: a denominator, a log or root argument
+    if base in _DIVS and len(rec.inputs) >= 2 and rec.kind == "forward":
+        arg = rec.inputs[1]
+        if graph.count_like(arg):
             facts["count"] = True
-        d = locator.recs[den]
-        eps = [abs(x) for x in d.scalars if 0 < abs(x) <= 1e-2]
-        if _base(d.op) in ("add", "sub") and eps:
+    elif base in (*_LOGS, "sqrt", "rsqrt", "reciprocal") and rec.inputs and rec.kind == "forward":
+        arg = rec.inputs[0]
+    if arg is not None:
+        a = locator.recs[arg]
+        eps = [abs(x) for x in a.scalars if 0 < abs(x) <= 1e-2]
+        if _base(a.op) in ("add", "sub") and eps:
             facts["eps"] = eps[0]
     if base in _STDVAR and rec.reduced <= 1:
         facts["single"] = True
