@@ -342,6 +342,19 @@ def test_unlocated_explanations_do_not_prescribe_clipping_for_a_nan():
     assert "non-finite" in cause and "clip" not in fix
 
 
+def test_without_a_model_gradients_of_leaves_and_the_root_are_checked_and_kept():
+    w = torch.tensor([0.0, 2.0], requires_grad=True)
+    w.grad = g = torch.ones(2)
+    d = gg.locate_nonfinite(lambda: torch.where(w > 0, torch.log(w), 0.0).sum())
+    assert (d.stage, d.node, d.op, d.parameters) == ("backward", "LogBackward0", "aten.log", ("<tensor 0>",)), str(d)
+    assert w.grad is g and torch.equal(g, torch.ones(2))
+    lin = nn.Linear(2, 1)  # the root module is found by running it; its gradients are left as they were
+    lin.weight.grad = g = torch.zeros(1, 2)
+    d = gg.locate_nonfinite(lambda: torch.sqrt(lin(torch.zeros(1, 2)) * 0.0).sum())
+    assert (d.stage, d.node) == ("backward", "SqrtBackward0") and "bias" in d.parameters, str(d)
+    assert lin.weight.grad is g and torch.equal(g, torch.zeros(1, 2)) and lin.bias.grad is None
+
+
 # -------------------------------------------------------------------------------------------------------- the RNG
 def test_replay_restores_the_rng_even_when_the_closure_fails():
     model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))

@@ -534,6 +534,7 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.made_by: Any = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> op packet that created it
         self.node_op: dict[int, str] = {}  # autograd sequence number -> forward op packet
         self.backward = False
+        self.leaves: list[Tensor] = []  # leaf tensors requiring grad that the forward pass read (for model=None)
 
     def _new(self, rec: _Rec, t: Tensor | None) -> int:
         if t is not None and rec.flag is None and _is_float(t) and t.numel():
@@ -552,6 +553,8 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
             name = self.param_names.get(id(key))
             r = self._new(_Rec("param" if name else "input", op, module, None, (), t.dtype, None, name), t)
             self.where[key] = r
+            if not self.backward and t.requires_grad and t.is_leaf:
+                self.leaves.append(t)
         return r
 
     def note_node(self, t: Tensor) -> None:
@@ -799,6 +802,7 @@ def locate_nonfinite(
     buffers: list[Tensor] = [b for b in model.buffers() if b is not None] if model is not None else []
     saved_buffers = [b.detach().clone() for b in buffers]
     saved_grads = [p.grad for _, p in params]
+    late: list[tuple[Tensor, Tensor | None]] = []
     for _, p in params:
         p.grad = None
 
@@ -820,6 +824,12 @@ def locate_nonfinite(
                     r = locator.where.get(key) if key is not None else None
                     if r is not None and locator.recs[r].kind == "input":
                         locator.recs[r].kind, locator.recs[r].name = "param", name
+            if model is None:  # leaf tensors the closure differentiates without a module
+                known = {id(p) for _, p in params}
+                params += [(f"<tensor {i}>", t) for i, t in enumerate(x for x in locator.leaves if id(x) not in known)]
+            late = [(p, p.grad) for _, p in params[len(saved_grads):]]  # found by running: keep their gradients
+            for p, _ in late:
+                p.grad = None
             if not isinstance(loss, Tensor):
                 raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
             loss_rec = locator.source(loss, None, None)  # an input record if no op produced it
@@ -842,6 +852,8 @@ def locate_nonfinite(
             flags = _read(locator.flags)  # the one host read
     finally:
         for (_, p), g in zip(params[: len(saved_grads)], saved_grads):
+            p.grad = g
+        for p, g in late:
             p.grad = g
         with torch.no_grad():
             for b, s in zip(buffers, saved_buffers):
