@@ -47,15 +47,15 @@ class Diagnosis:
     Attributes:
         stage: ``"input"`` (already in the batch), ``"forward"``, ``"backward"`` or ``"step"`` (gradients finite,
             parameters non-finite after the optimizer step).
-        module: qualified name of the module running when the first non-finite value was produced (``""`` for the
-            root module), or ``None`` when unknown.
-        op: the aten op that produced it (e.g. ``"aten.log.default"``); in backward, the forward op its autograd
-            node belongs to (e.g. ``"aten.sqrt"`` for ``SqrtBackward0``).
+        module: qualified name of the module running where the non-finite value was born (``""`` for the root
+            module), or ``None`` when unknown.
+        op: the aten op where it was born (e.g. ``"aten.log.default"``); in backward, the exact forward aten op of
+            its autograd node (``"aten.sqrt"`` for ``SqrtBackward0``, ``"aten._softmax"`` for ``SoftmaxBackward0``).
         node: in backward, the autograd node (e.g. ``"SqrtBackward0"``).
         parameters: names of parameters whose gradients (or, at ``stage="step"``, values) are non-finite.
         cause: what most likely happened, in words.
         fix: what to change.
-        value: ``"nan"``, ``"inf"`` or ``"nan+inf"`` for the first bad tensor, when located.
+        value: ``"nan"``, ``"inf"`` or ``"nan+inf"``: what that op's output held, when located.
         step: the training step, when known.
         located: whether the op-level locator ran (otherwise the stage comes from the step's flags alone).
         event: ``"nonfinite"``, or ``"loss_spike"`` / ``"grad_norm_spike"`` for a finite spike the Guard skipped.
