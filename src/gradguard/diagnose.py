@@ -1,20 +1,23 @@
-"""Where did the NaN come from? The op-level locator, the Diagnosis, and the cause rules.
+"""Where the NaN came from: the op-level locator, the Diagnosis, and the cause rules.
 
 The troubleshooting flow every practitioner runs by hand, automated:
 
-1. a non-finite value already in the batch -> ``stage="input"``: fix the data;
-2. the loss is non-finite -> the forward pass made it (``log(0)``, division by zero, ``exp`` overflow): add eps,
-   clamp, subtract the max;
-3. the loss is finite but gradients are not -> the backward pass (``sqrt``/``pow`` at 0 has an infinite
-   derivative; overflow): add eps inside the root, clip, use a GradScaler;
-4. gradients finite, parameters non-finite after ``optimizer.step()`` -> ``stage="step"``: the learning rate is too
-   high (or the optimizer's eps too small).
+1. the batch holds the NaN/Inf that reaches the loss -> ``stage="input"``: fix the data;
+2. the loss is non-finite -> the forward pass made it (``log(0)``, a division by zero, an overflow);
+3. the loss is finite but gradients are not -> ``stage="backward"`` (an infinite derivative at the edge of a domain,
+   a discarded ``torch.where`` branch whose derivative is ``0 * inf``, degenerate eigenvalues, an overflow);
+4. gradients finite, parameters non-finite after ``optimizer.step()`` -> ``stage="step"``: the update was too large
+   (parameters already non-finite before the step are a corrupt init or checkpoint instead).
 
-:func:`locate_nonfinite` replays one step under a ``TorchDispatchMode`` that records, in execution order, a
-non-finite flag for every floating-point output of every aten op (and for every input that no op produced: the
-batch, the parameters), with the module being run and, in backward, the autograd node. The flags stay on the
-device and are read once, at the end. Unlike ``torch.autograd.detect_anomaly`` it sees the forward pass, infinities
-as well as NaNs, and names the op where the value *started* rather than the first backward node that met it.
+:func:`locate_nonfinite` replays one step under a ``TorchDispatchMode`` that records every aten op output with the
+records its inputs came from (by storage: views and in-place writes keep the chain) and, for floating-point outputs,
+element-wise NaN/Inf flags (``isnan(t).any()``, ``isinf(t).any()``: never a sum, which overflows on finite masks
+of ``finfo.min``). The flags stay on the device and are read once, at the end. Blame follows the data: from what
+failed (the loss, else the gradients) the locator walks back along the values that reach it to the op where the
+NaN (or, for an Inf-only failure, the Inf) was born, so an Inf that a softmax or ``torch.where`` neutralised is never
+blamed. Unlike ``torch.autograd.detect_anomaly`` it sees the forward pass and infinities, and names the op where the
+value *started* rather than the first backward node that met it. :func:`explain` turns the op, the values and the
+dtype into a cause and a fix.
 """
 
 from __future__ import annotations
@@ -44,15 +47,15 @@ class Diagnosis:
     Attributes:
         stage: ``"input"`` (already in the batch), ``"forward"``, ``"backward"`` or ``"step"`` (gradients finite,
             parameters non-finite after the optimizer step).
-        module: qualified name of the module running when the first non-finite value was produced (``""`` for the
-            root module), or ``None`` when unknown.
-        op: the aten op that produced it (e.g. ``"aten.log.default"``); in backward, the forward op its autograd
-            node belongs to (e.g. ``"aten.sqrt"`` for ``SqrtBackward0``).
+        module: qualified name of the module running where the non-finite value was born (``""`` for the root
+            module), or ``None`` when unknown.
+        op: the aten op where it was born (e.g. ``"aten.log.default"``); in backward, the exact forward aten op of
+            its autograd node (``"aten.sqrt"`` for ``SqrtBackward0``, ``"aten._softmax"`` for ``SoftmaxBackward0``).
         node: in backward, the autograd node (e.g. ``"SqrtBackward0"``).
         parameters: names of parameters whose gradients (or, at ``stage="step"``, values) are non-finite.
         cause: what most likely happened, in words.
         fix: what to change.
-        value: ``"nan"``, ``"inf"`` or ``"nan+inf"`` for the first bad tensor, when located.
+        value: ``"nan"``, ``"inf"`` or ``"nan+inf"``: what that op's output held, when located.
         step: the training step, when known.
         located: whether the op-level locator ran (otherwise the stage comes from the step's flags alone).
         event: ``"nonfinite"``, or ``"loss_spike"`` / ``"grad_norm_spike"`` for a finite spike the Guard skipped.
@@ -136,21 +139,100 @@ def nonfinite_names(named: list[tuple[str, Tensor | None]]) -> tuple[str, ...]:
 
 
 # ------------------------------------------------------------------------------------------------ cause rules
-_LOG_DIV = re.compile(r"^aten\.(log|log2|log10|log1p|xlogy|special_xlogy|div|reciprocal|rsqrt|true_divide|"
-                      r"floor_divide|remainder|fmod|atan2|digamma|polygamma|lgamma|erfinv)\b")
-_EXP = re.compile(r"^aten\.(exp|exp2|expm1|_softmax|softmax|_log_softmax|logsumexp|sinh|cosh|pow|square|mul|"
-                  r"mm|bmm|addmm|matmul|baddbmm|linear|_scaled_dot_product\w*|scaled_dot_product\w*|sum|mean|cumsum)\b")
-_ROOT = re.compile(r"^(Sqrt|Rsqrt|Pow|Norm|LinalgVectorNorm|Div|Reciprocal|Log|Atan2|Cdist|Std|Var|Acos|Asin)")
-_SQRT = re.compile(r"^aten\.(sqrt|pow|acos|asin|acosh|atanh)\b")
+_LOGS = ("log", "log2", "log10", "log1p")
+_DIVS = ("div", "div_", "true_divide", "reciprocal", "rsqrt", "floor_divide", "remainder", "fmod")
+_SOFTMAX = ("_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax", "logsumexp")
+_STDVAR = ("std", "var", "std_mean", "var_mean")
+_EIG = re.compile(r"^(Linalg(Eigh|Eig|Svd|Eigvalsh)|Svd|Symeig|Eig)")
+_GROWTH = ("mul", "add", "sub", "sum", "mm", "bmm", "addmm", "matmul", "baddbmm", "addcmul", "exp")
+_ROOTS = ("sqrt", "rsqrt", "pow", "norm", "linalg_vector_norm", "cdist", "_cdist_forward", "_euclidean_dist")
 
 
-def explain(stage: str, op: str | None = None, node: str | None = None, *, scaled: bool = False) -> tuple[str, str]:
-    """``(cause, fix)`` for a non-finite value, following the troubleshooting flow."""
-    if stage == "input":
+def _base(op: str | None) -> str:
+    """``"aten.log.default"`` / ``"aten.log"`` -> ``"log"`` (in-place ``"add_"`` -> ``"add"``)."""
+    if not op:
+        return ""
+    name = op.split(".")[1] if op.startswith("aten.") and op.count(".") >= 1 else op
+    return name[:-1] if name.endswith("_") and not name.startswith("_") else name
+
+
+def _overflow(what: str, dtype: torch.dtype | None) -> tuple[str, str]:
+    """Cause and fix for a finite -> Inf overflow, fitted to the dtype the op ran in."""
+    if dtype == torch.float16:
         return (
-            "the input batch already contains NaN or Inf values",
+            f"float16 overflow in {what}: values exceeded float16's maximum (65504)",
+            "run this part in bfloat16 (float32's range: torch.autocast(dtype=torch.bfloat16)) or keep the op in "
+            "float32; for gradients, use torch.amp.GradScaler",
+        )
+    if dtype == torch.bfloat16:
+        return (
+            f"overflow in {what} in bfloat16: values exceeded ~3.4e38 (bfloat16 already has float32's range, so "
+            "the values are genuinely huge, not a precision artefact)",
+            "scale the values down (normalise inputs/activations, subtract the max before exp, lower the learning "
+            "rate) and compute this op in float32",
+        )
+    name = str(dtype).removeprefix("torch.") if dtype is not None else "the dtype"
+    return (
+        f"overflow in {what}: values exceeded {name}'s range",
+        "scale the values down: subtract the max before exp (torch.softmax / torch.logsumexp), normalise "
+        "inputs/activations, lower the learning rate",
+    )
+
+
+def _scaled_overflow(dtype: torch.dtype | None, node: str | None) -> tuple[str, str]:
+    """An Inf in backward with a loss scale: the scaler's expected float16 overflow, or a scale that is simply too
+    large for a dtype with float32's range (which needs no scaling)."""
+    where = f" in {node}" if node else ""
+    if dtype in (torch.bfloat16, torch.float32, torch.float64):
+        name = str(dtype).removeprefix("torch.")
+        return (
+            f"gradient overflow under loss scaling{where}: the scaled gradients exceeded {name}'s range",
+            f"{name} has float32's range and needs no loss scaling: drop the GradScaler (or lower its init_scale); "
+            "if it repeats without one, scale the values down and lower the learning rate",
+        )
+    return (
+        f"gradient overflow under loss scaling{where} (float16 range exceeded); the GradScaler lowers its scale and "
+        "the step is skipped — expected occasionally, a problem if it repeats",
+        "if it repeats: lower GradScaler's init_scale (or growth_factor), or use bfloat16 autocast (float32's "
+        "range, no scaler needed)",
+    )
+
+
+def explain(
+    stage: str,
+    op: str | None = None,
+    node: str | None = None,
+    *,
+    scaled: bool = False,
+    value: str | None = None,
+    dtype: torch.dtype | None = None,
+    facts: dict[str, Any] | None = None,
+) -> tuple[str, str]:
+    """``(cause, fix)`` for a non-finite value: the rule for the op that produced it and the values it saw.
+
+    ``op`` is the aten op (``"aten.log.default"``; in backward the forward op of ``node``), ``value`` ``"nan"`` /
+    ``"inf"`` / ``"nan+inf"``, ``dtype`` the dtype the op ran in, ``facts`` what the locator saw around the op:
+    ``count`` (the denominator is a count: a sum of a mask), ``eps`` (the denominator already adds this constant),
+    ``single`` (std/var over one sample), ``inf_op`` (the op where an Inf input of a NaN-producing op started),
+    ``params_before`` (parameters already non-finite before the step). Without facts the rules use op and value.
+    """
+    facts = facts or {}
+    nan = value is not None and "nan" in value
+    base = _base(op)
+    if stage == "input":
+        what = "NaN" if nan else "Inf" if value == "inf" else "NaN or Inf"
+        return (
+            f"the input batch already contains {what} values",
             "check the data pipeline (normalisation, division by a zero std, corrupt samples); filter the batch with "
             "torch.isfinite(x).all() or repair it with torch.nan_to_num",
+        )
+    if stage == "step" and facts.get("params_before"):
+        return (
+            "parameters (or buffers) were already non-finite before this step (a corrupt initialisation or "
+            "checkpoint, an earlier unguarded update, BatchNorm running stats fed a bad batch): this step's data and "
+            "learning rate are not the cause",
+            "reload a good checkpoint or re-initialise; check torch.isfinite(t).all() for every parameter and "
+            "buffer after loading (and after custom init code)",
         )
     if stage == "step":
         return (
@@ -159,139 +241,384 @@ def explain(stage: str, op: str | None = None, node: str | None = None, *, scale
             "lower the learning rate (or warm it up), raise the optimizer's eps (e.g. Adam eps=1e-8 -> 1e-6 in fp16), "
             "and clip gradients (gg.NormClip / a smaller max_norm)",
         )
-    if stage == "forward":
-        if op and _LOG_DIV.match(op):
+    inf_op = facts.get("inf_op")
+    nan_op = facts.get("nan_op")
+    if stage == "backward" and scaled and not nan and not node:
+        return _scaled_overflow(dtype, node)
+    if value is None and op is None and node is None:  # not located: only the stage is known
+        if stage == "forward":
             return (
-                f"log(0) or a division by zero in the forward pass ({op})",
-                "add a small eps to the denominator / log argument (orders of magnitude below its values, e.g. "
-                "1e-8), or clamp the input: torch.log(x.clamp_min(eps)), x / (y + eps)",
-            )
-        if op and _SQRT.match(op):
-            return (
-                f"sqrt/pow of a negative number (or an out-of-domain input) in the forward pass ({op})",
-                "clamp the input into the op's domain, e.g. torch.sqrt(x.clamp_min(0) + eps)",
-            )
-        if op and _EXP.match(op):
-            return (
-                f"overflow in the forward pass ({op}): values exceeded the dtype's range (exp/softmax of large "
-                "logits, or large activations in float16)",
-                "subtract the max before exp (use torch.softmax / torch.logsumexp), keep this op in float32 or "
-                "bfloat16 instead of float16, and check activation magnitudes / the learning rate",
+                "the loss is non-finite: the forward pass produced a NaN or Inf (log(0), a division by zero, an "
+                "out-of-domain input, an overflow)",
+                "name the op first (gg.locate_nonfinite); then keep its input in the domain: log(x.clamp_min(eps)), "
+                "y.clamp_min(eps) in a denominator, subtract the max before exp",
             )
         return (
-            f"a non-finite value was produced in the forward pass{f' by {op}' if op else ''}",
-            "add eps / clamp the inputs of that op; if values are huge, lower the learning rate or clip gradients",
+            "the loss is finite but gradients are not: an infinite derivative (sqrt, log or a division at 0, "
+            "including in a branch torch.where discards), degenerate eigenvalues, or an overflow",
+            "name the op first (gg.locate_nonfinite); add eps / clamp at that op; clip gradients only if it is an "
+            "overflow (Inf): clipping cannot repair a NaN",
         )
-    # backward
-    if node and _ROOT.match(node):
+    if stage == "forward" or (stage == "backward" and not node and op):
+        rule = _forward_rule(base, op, nan, dtype, facts)
+        if rule is not None:
+            then = f"; the Inf then became NaN in {nan_op}" if nan_op and "0 * log(0)" not in rule[0] else ""
+            if stage == "backward" and facts.get("discarded"):
+                return (rule[0] + then + "; the loss never saw it (a branch torch.where discards, a masked value), "
+                        "but the backward pass did",
+                        rule[1] + "; or apply the op to torch.where(cond, x, safe) (the 'double where')")
+            return rule[0] + then, rule[1]
+        if nan and inf_op:  # inf - inf, 0 * inf, inf / inf: the Inf is the root
+            cause, fix = _forward_rule(_base(inf_op), inf_op, False, facts.get("inf_dtype", dtype), {}) or (
+                f"{inf_op} produced an Inf", "")
+            return (f"{op} turned an Inf into NaN (inf - inf, 0 * inf or inf / inf); the Inf came from {inf_op}: "
+                    f"{cause}", fix or "keep the values finite where the Inf starts (clamp, eps, subtract the max)")
+        if not nan or value == "nan+inf":  # Inf (and NaN where Infs met, inside the op): an overflow
+            cause, fix = _overflow(op or "the forward pass", dtype)
+            return cause + (" (NaN where the Infs met)" if nan else ""), fix
         return (
-            f"the derivative of {node.removesuffix('0').removesuffix('Backward')} is infinite at 0 (sqrt, pow, norm "
-            "or division at zero) in the backward pass",
-            "add eps inside the root / denominator: torch.sqrt(x + 1e-12), (x + eps) ** p, or "
-            "torch.linalg.vector_norm(x) with x offset by eps",
+            f"a NaN was produced in the forward pass{f' by {op}' if op else ''} from finite inputs",
+            "check that op's inputs at this step (out-of-domain values); clamp them into its domain",
         )
-    if scaled:
+    # backward: an autograd node turned finite values into NaN/Inf
+    short = (node or "").removesuffix("0").removesuffix("1").removesuffix("2")
+    short = short[: short.find("Backward")] if "Backward" in short else short
+    if node and _EIG.match(node):
         return (
-            "gradient overflow under loss scaling (float16 range exceeded); the GradScaler lowers its scale and the "
-            "step is skipped — expected occasionally, a problem if it repeats",
-            "if it repeats: lower GradScaler's init_scale, use bfloat16, or clip gradients",
+            f"the gradient of {op or short} divides by eigenvalue (singular value) gaps 1/(l_i - l_j): the matrix "
+            "has degenerate (repeated) eigenvalues, so the backward pass is 0/0 or x/0",
+            "break the degeneracy with a tiny random jitter, e.g. A + 1e-6 * torch.diag(torch.randn(n)), or use "
+            "only quantities whose gradient is stable (eigenvalues, not eigenvectors); clipping cannot repair this",
         )
+    if facts.get("discarded"):
+        return (
+            f"an Inf from {inf_op} in the forward pass did not reach the loss (an untaken torch.where branch or a "
+            f"masked value) but its derivative did: 0 * inf = NaN in {node} during the backward pass",
+            "make the discarded values finite before the op (the 'double where'): x_safe = torch.where(cond, x, "
+            "safe_value); torch.where(cond, op(x_safe), other); or clamp the op's input",
+        )
+    where_note = (" (if the 0 is only in a branch torch.where discards, apply the op to torch.where(cond, x, safe) "
+                  "instead)") if nan else ""
+    grew = not nan and facts.get("bw_op") in _GROWTH  # an Inf from multiplying finite values: not a pole at 0
+    if base in ("acos", "asin") and not grew:
+        return (
+            f"the derivative of {base} (-/+ 1 / sqrt(1 - x^2)) is infinite at x = +-1 in the backward pass",
+            f"clamp the input strictly inside the domain: torch.{base}(x.clamp(-1 + eps, 1 - eps)) with eps ~1e-6 "
+            "(1e-3 in float16/bfloat16)",
+        )
+    if base in _ROOTS and not grew:
+        return (
+            f"the derivative of {short or base} is infinite at 0 (sqrt, fractional pow, norm at a zero vector) in "
+            "the backward pass",
+            "add eps inside the root: torch.sqrt(x + 1e-12), (x + eps) ** p, or torch.linalg.vector_norm(x + eps); "
+            "for distances, sqrt(squared_distance.clamp_min(eps))" + where_note,
+        )
+    if (base in _DIVS or base == "atan2") and not grew:
+        return (
+            f"the derivative of {short or base} (-x / y^2) is infinite where the denominator is 0 in the backward pass",
+            "keep the denominator away from 0: y.clamp_min(eps) for a non-negative y, count.clamp_min(1) for a count"
+            + where_note,
+        )
+    if base in _LOGS and not grew:
+        return (
+            f"the derivative of {base} (1 / x) is infinite at x = 0 in the backward pass",
+            "clamp the argument: torch.log(x.clamp_min(eps)); for p * log(p) use torch.xlogy(p, p)" + where_note,
+        )
+    if scaled and not nan:
+        return _scaled_overflow(dtype, node)
+    if nan:
+        return (
+            f"a NaN was produced in the backward pass{f' in {node}' if node else ''} from finite values (0 * inf or "
+            "0 / 0 inside a derivative)",
+            f"look at the inputs of {op or 'that op'} at this step: a value at the edge of the op's domain (0 for "
+            "roots, logs and divisions) needs eps or a clamp; clipping cannot repair a NaN",
+        )
+    if dtype in (torch.float16, torch.bfloat16):
+        cause, fix = _overflow(f"the backward pass{f' ({node})' if node else ''}", dtype)
+        return cause, fix + "; clip gradients (gg.NormClip)"
     return (
         f"exploding gradients: the backward pass overflowed{f' in {node}' if node else ''}",
-        "clip gradients (gg.NormClip or an adaptive gg.ZClip / gg.AutoClip) or lower max_norm, lower the learning "
-        "rate, and use a GradScaler for float16",
+        "clip gradients (gg.NormClip or an adaptive gg.ZClip / gg.AutoClip) or lower max_norm, and lower the "
+        "learning rate",
     )
+
+
+def _forward_rule(
+    base: str, op: str | None, nan: bool, dtype: torch.dtype | None, facts: dict[str, Any]
+) -> tuple[str, str] | None:
+    """The op-specific rules for a value produced in the forward pass; ``None`` when no rule fits."""
+    inf_op = facts.get("inf_op")
+    if facts.get("constant_inf") and not nan:
+        return (
+            f"an Inf written on purpose by {op} (a -inf mask fill) reached the loss: a row or sequence where every "
+            "position is masked",
+            "fill masks with torch.finfo(dtype).min instead of -inf, keep at least one position per row, or leave "
+            "fully masked rows out of the loss",
+        )
+    if base in _LOGS and not nan and _base(facts.get("nan_op")) == "mul":
+        return (
+            f"0 * log(0): {op} gave -inf where its argument was 0 and {facts['nan_op']} multiplied it by 0 (the "
+            "p * log p of an entropy or KL term)",
+            "use torch.xlogy(p, p) (0 where p == 0) or torch.special.entr(p) for entropy, and "
+            "torch.nn.functional.kl_div(log_q, p) for KL divergence",
+        )
+    if base == "mul" and nan and inf_op and _base(inf_op) in _LOGS:
+        return (
+            f"0 * log(0): {inf_op} gave -inf where its argument was 0 and multiplying by 0 made it NaN (the p * log p "
+            "of an entropy or KL term)",
+            "use torch.xlogy(p, p) (0 where p == 0) or torch.special.entr(p) for entropy, and "
+            "torch.nn.functional.kl_div(log_q, p) for KL divergence",
+        )
+    if base in _SOFTMAX and nan and inf_op:
+        return (
+            f"{op}: a row where every position is masked with -inf (softmax of all -inf is 0/0 = NaN); the -inf came "
+            f"from {inf_op}",
+            "fill masks with torch.finfo(dtype).min instead of -inf (as Hugging Face does), or make sure every row "
+            "keeps at least one unmasked position",
+        )
+    if base in _STDVAR and nan and facts.get("single"):
+        return (
+            f"{op} over a single sample: the unbiased estimate divides by n - 1 = 0",
+            "use correction=0 (unbiased=False) where one sample is possible, or DataLoader(drop_last=True) so no "
+            "batch has one sample",
+        )
+    if base in ("div", "true_divide", "reciprocal") and facts.get("count"):
+        return (
+            f"division by a count that is 0 in {op} (e.g. mask.sum() of a batch with no valid positions)",
+            "divide by count.clamp_min(1): the result is then 0 for an empty batch; do not add 1e-8 to a count "
+            "(a numerator that is not exactly 0 becomes a 1e8x loss)",
+        )
+    if base in (*_DIVS, *_LOGS, "sqrt", "rsqrt") and "eps" in facts:
+        eps = facts["eps"]
+        arg = "denominator" if base in _DIVS else "argument"
+        if nan and base not in _DIVS:
+            return (
+                f"{op} of a negative {arg} although it already adds eps={eps:g}: the value itself is negative, "
+                "no eps can fix that",
+                "find why it goes negative (rounding in a subtraction, 1 - p > 1); clamp it: x.clamp_min(eps) "
+                "instead of x + eps",
+            )
+        low = dtype in (torch.float16, torch.bfloat16)
+        tiny = (f"{eps:g} rounds to 0 next to these values in {str(dtype).removeprefix('torch.')}" if low else
+                f"the {arg} can be negative, and -{eps:g} cancels the eps")
+        return (
+            f"{'division by zero' if base in _DIVS else 'a zero'} in {op} although the {arg} already adds "
+            f"eps={eps:g}: {tiny}",
+            ("compute it in float32, or use x.clamp_min(eps) with an eps the dtype represents (>= 1e-4 for "
+             "float16); a larger eps added in the same dtype rounds away too") if low else
+            "use x.clamp_min(eps) for a quantity that must be positive instead of x + eps",
+        )
+    if base in _DIVS:
+        what = "0 / 0" if nan else "a division by zero"
+        return (
+            f"{what} in the forward pass ({op})",
+            "keep the denominator away from 0: y.clamp_min(eps) for a non-negative y (eps ~1e-8 below its typical "
+            "values), count.clamp_min(1) for a count",
+        )
+    if base in _LOGS:
+        if nan:
+            return (
+                f"log of a negative number in the forward pass ({op}): its argument left the domain",
+                "find why the argument goes negative (rounding in 1 - p, a subtraction); make it positive by "
+                "construction (softplus, exp, clamp_min(eps))",
+            )
+        return (
+            f"log(0) = -inf in the forward pass ({op})",
+            "clamp the argument: torch.log(x.clamp_min(eps)), or work in log space (log_softmax, logsigmoid, "
+            "torch.xlogy)",
+        )
+    if base in ("acos", "asin") and nan:
+        return (
+            f"{base} of a value outside [-1, 1] in the forward pass (a cosine that rounded to 1.0000001)",
+            f"clamp the input: torch.{base}(x.clamp(-1 + eps, 1 - eps)) (eps ~1e-6; also keeps the gradient finite "
+            "at +-1)",
+        )
+    if base in ("sqrt", "rsqrt") and nan:
+        return (
+            f"sqrt of a negative number in the forward pass ({op})",
+            "clamp the input: torch.sqrt(x.clamp_min(0) + eps)",
+        )
+    if base == "pow":
+        if nan:
+            return (
+                f"a negative base raised to a fractional exponent in {op} (NaN, not an overflow)",
+                "make the base non-negative (x.clamp_min(0) ** p, or x.abs() ** p * x.sign()); clipping or a "
+                "smaller learning rate does not fix this",
+            )
+        cause, fix = _overflow(op or "pow", dtype)
+        return cause + " (or 0 raised to a negative exponent)", fix + "; for 0 ** -p, add eps to the base"
+    if base in ("exp", "exp2", "expm1") and not nan:
+        cause, fix = _overflow(op or "exp", dtype)
+        return cause + " (exp of large values)", fix
+    if base in ("acosh", "atanh") and nan:
+        return (f"{op} of a value outside its domain", "clamp the input into the op's domain")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------- the locator
 def _forward_op_of(node_name: str | None) -> str | None:
-    """``"SqrtBackward0"`` -> ``"aten.sqrt"``; ``"MmBackward0"`` -> ``"aten.mm"``."""
+    """Fallback for a node the replay did not see created: ``"SqrtBackward0"`` -> ``"aten.sqrt"``,
+    ``"SoftmaxBackward0"`` -> ``"aten._softmax"``, ``"ToCopyBackward0"`` -> ``"aten._to_copy"`` (the op with an
+    autograd formula: the leading-underscore variant when aten has one)."""
     if not node_name or "Backward" not in node_name:
         return None
     base = node_name.split("Backward")[0]
     snake = re.sub(r"(?<!^)(?=[A-Z])", "_", base).lower()
+    for name in (f"_{snake}", snake, f"{snake}_forward"):
+        if hasattr(torch.ops.aten, name) and _has_autograd_formula(getattr(torch.ops.aten, name)):
+            return f"aten.{name}"
     return f"aten.{snake}"
 
 
-def _nonfinite_code(t: Tensor) -> Tensor:
-    """One reduction per tensor: its float32 (float64) sum, NaN if any element is NaN (or +inf meets -inf), infinite
-    if any is infinite. Sound (a non-finite tensor never sums to a finite value); it reads a finite tensor whose sum
-    overflows float32 as infinite, which only happens with values ~1e34, an overflow in the making. No host read."""
-    return t.sum(dtype=torch.float64 if t.dtype in (torch.float64, torch.complex128) else torch.float32)
+def _has_autograd_formula(packet: Any) -> bool:
+    """Whether an aten op has its own autograd kernel (so autograd names its node after it)."""
+    try:
+        return any(not torch._C._dispatch_has_kernel_for_dispatch_key(getattr(packet, o).name(),
+                                                                       "CompositeImplicitAutograd")
+                   for o in packet.overloads())
+    except (AttributeError, RuntimeError):
+        return False
 
 
-def _code_value(total: float) -> str | None:
-    """'nan' / 'inf' for a non-finite sum from :func:`_nonfinite_code`, ``None`` if finite."""
-    if math.isnan(total):
-        return "nan"
-    return "inf" if total in (float("inf"), float("-inf")) else None
+def _storage_key(t: Tensor) -> torch.UntypedStorage | None:
+    """The memory a tensor's values live in: views and in-place writes share it. The storage object itself (torch
+    keeps one Python object per storage), so keys die with the memory and a reused address is never confused with
+    it. ``None`` for empty, meta, sparse or storage-less (subclass) tensors."""
+    if t.device.type == "meta" or t.is_sparse or not t.numel():
+        return None
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError, TypeError):
+        return None
+
+
+def _flags(t: Tensor) -> Tensor:
+    """``[has NaN, has Inf]`` as a 2-element bool tensor on ``t``'s device: per-element checks, no sum that can
+    overflow, no host read."""
+    return torch.stack((torch.isnan(t).any(), torch.isinf(t).any()))
 
 
 @dataclass
-class _Event:
+class _Rec:
     kind: str  # "input", "param", "forward", "backward"
     op: str | None
     module: str | None
     node: str | None
-    name: str | None = None  # parameter name for kind == "param"
+    inputs: tuple[int, ...]  # records the op read
+    dtype: torch.dtype | None
+    flag: int | None  # index into the flag list; None: cannot hold NaN/Inf (integer, uninitialised)
+    name: str | None = None  # parameter name
+    node_seq: int | None = None
+    scalars: tuple[float, ...] = ()  # the op's numeric arguments (eps, exponents)
+    reduced: int = 0  # input elements per output element (std/var over one sample)
+
+
+def _is_float(t: Tensor) -> bool:
+    return t.is_floating_point() or t.is_complex()
+
+
+_UNINITIALISED = ("aten.empty", "aten.new_empty", "aten.empty_like", "aten.empty_strided")
 
 
 class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
-    """Records a non-finite code per floating-point op output (and per external input) in execution order."""
+    """Records every op output in execution order: which records its inputs came from (by storage) and, for
+    floating-point outputs, device-side NaN/Inf flags. Nothing is read on the host until the end."""
 
     def __init__(self, param_names: dict[int, str], modules: _Modules) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.param_names = param_names  # data_ptr -> name
+        self.param_names = param_names  # id(storage) of a parameter (alive throughout) -> its name
         self.modules = modules
-        self.produced: set[int] = set()  # data_ptrs of tensors an op produced (so they are not "external")
-        self.checked_external: set[int] = set()
-        self.events: list[_Event] = []
-        self.codes: list[Tensor] = []
+        self.where: Any = torch.utils.weak.WeakIdKeyDictionary()  # storage -> the record that last wrote it
+        self.recs: list[_Rec] = []
+        self.flags: list[Tensor] = []
+        self.made_by: Any = torch.utils.weak.WeakIdKeyDictionary()  # tensor -> op packet that created it
+        self.node_op: dict[int, str] = {}  # autograd sequence number -> forward op packet
         self.backward = False
+        self.leaves: list[Tensor] = []  # leaf tensors requiring grad that the forward pass read (for model=None)
 
-    def _record(self, event: _Event, t: Tensor) -> None:
-        self.events.append(event)
-        self.codes.append(_nonfinite_code(t))
+    def _new(self, rec: _Rec, t: Tensor | None) -> int:
+        if t is not None and rec.flag is None and _is_float(t) and t.numel():
+            rec.flag = len(self.flags)
+            self.flags.append(_flags(t))
+        self.recs.append(rec)
+        return len(self.recs) - 1
+
+    def source(self, t: Tensor, op: str | None, module: str | None) -> int | None:
+        """The record ``t``'s values came from; an ``input``/``param`` record for memory no op wrote."""
+        key = _storage_key(t)
+        if key is None:
+            return None
+        r = self.where.get(key)
+        if r is None:
+            name = self.param_names.get(id(key))
+            r = self._new(_Rec("param" if name else "input", op, module, None, (), t.dtype, None, name), t)
+            self.where[key] = r
+            if not self.backward and t.requires_grad and t.is_leaf:
+                self.leaves.append(t)
+        return r
+
+    def note_node(self, t: Tensor) -> None:
+        fn = t.grad_fn
+        if fn is not None:
+            made = self.made_by.get(t)
+            if made is not None:
+                self.node_op.setdefault(fn._sequence_nr(), made)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         node = torch._C._current_autograd_node() if self.backward else None
         node_name = node.name() if node is not None else None
-        if node is not None:
-            module = self.modules.node_module.get(node._sequence_nr())
+        seq = node._sequence_nr() if node is not None else None
+        if seq is not None:
+            module = self.modules.node_module.get(seq)
         else:
             module = self.modules.stack[-1] if self.modules.stack else None
         op = str(func)
-        if not self.backward:
-            for t in tree_flatten((args, kwargs))[0]:
-                if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and t.device.type != "meta":
-                    ptr = t.data_ptr()
-                    if ptr in self.produced or ptr in self.checked_external:
-                        continue
-                    self.checked_external.add(ptr)
-                    name = self.param_names.get(ptr)
-                    kind = "param" if name is not None else "input"
-                    self._record(_Event(kind, op, module, None, name), t)
+        flat = tree_flatten((args, kwargs))[0]
+        inputs: list[int] = []
+        for t in flat:
+            if isinstance(t, Tensor):
+                if not self.backward:
+                    self.note_node(t)
+                r = self.source(t, op, module)
+                if r is not None and r not in inputs:
+                    inputs.append(r)
         out = func(*args, **kwargs)
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, Tensor) and t.is_floating_point() and t.numel() and t.device.type != "meta":
-                self.produced.add(t.data_ptr())
-                if func in _VIEW_LIKE or op.startswith(_UNINITIALISED):  # views repeat, empty* holds garbage
-                    continue
-                self._record(_Event("backward" if self.backward else "forward", op, module, node_name), t)
+        packet = str(func.overloadpacket)
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+        if func.is_view:  # same memory, same values: the record of the base stands
+            for t in outs:
+                self.made_by[t] = packet
+            return out
+        written = outs
+        if func._schema.is_mutable:  # in-place / out=: the written arguments get a new record
+            written = []
+            for arg, val in zip(func._schema.arguments, args):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val])
+                                   if isinstance(v, Tensor))
+            for name in kwargs:
+                arg_ = next((a for a in func._schema.arguments if a.name == name), None)
+                if arg_ is not None and arg_.alias_info is not None and arg_.alias_info.is_write:
+                    val = kwargs[name]
+                    written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val])
+                                   if isinstance(v, Tensor))
+            # new outputs of a mutating op (native_batch_norm updates its running stats and returns a new output)
+            seen = [_storage_key(w) for w in written]
+            written.extend(t for t in outs if not any(k is not None and k is _storage_key(t) for k in seen))
+        scalars = tuple(float(a) for a in flat if isinstance(a, (int, float)) and not isinstance(a, bool))
+        first = next((t for t in flat if isinstance(t, Tensor)), None)
+        uninit = op.startswith(_UNINITIALISED)
+        for t in written:
+            key = _storage_key(t)
+            reduced = first.numel() // max(t.numel(), 1) if first is not None else 0
+            rec = _Rec("backward" if self.backward else "forward", op, module, node_name, tuple(inputs), t.dtype,
+                       None, None, seq, scalars, reduced)
+            r = self._new(rec, None if uninit else t)
+            if key is not None:
+                self.where[key] = r
+            self.made_by[t] = packet
         return out
-
-
-_UNINITIALISED = ("aten.empty", "aten.new_empty", "aten.empty_like", "aten.empty_strided")
-_VIEW_LIKE = {
-    torch.ops.aten.detach.default,
-    torch.ops.aten.view.default,
-    torch.ops.aten._unsafe_view.default,
-    torch.ops.aten.t.default,
-    torch.ops.aten.transpose.int,
-    torch.ops.aten.expand.default,
-    torch.ops.aten.alias.default,
-}
 
 
 class _Modules:
@@ -354,6 +681,82 @@ def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
         torch.cuda.set_rng_state_all(state[1])
 
 
+def _cuda_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
+def _read(flags: list[Tensor]) -> list[tuple[bool, bool]]:
+    """The one host read: every flag, stacked per device."""
+    out: list[tuple[bool, bool]] = [(False, False)] * len(flags)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, f in enumerate(flags):
+        by_device.setdefault(f.device, []).append(i)
+    for idx in by_device.values():
+        for i, (n, f) in zip(idx, torch.stack([flags[i] for i in idx]).tolist()):
+            out[i] = (bool(n), bool(f))
+    return out
+
+
+def _value(nan: bool, inf: bool) -> str | None:
+    return "nan+inf" if nan and inf else "nan" if nan else "inf" if inf else None
+
+
+class _Graph:
+    """The recorded ops with their flags read back: tracing an origin along the values that reach a target."""
+
+    def __init__(self, recs: list[_Rec], flags: list[tuple[bool, bool]]) -> None:
+        self.recs = recs
+        self.flags = flags
+
+    def nan(self, r: int) -> bool:
+        f = self.recs[r].flag
+        return f is not None and self.flags[f][0]
+
+    def inf(self, r: int) -> bool:
+        f = self.recs[r].flag
+        return f is not None and self.flags[f][1]
+
+    def origin(self, targets: list[int], nan: bool) -> int | None:
+        """The first record (in execution order), reachable backwards from ``targets`` through records holding a
+        NaN (``nan=True``) or a NaN/Inf (``nan=False``), none of whose inputs hold one: where the value was born.
+        Among several, one that computed its Inf is preferred to one that wrote an ``-inf`` constant (a mask fill)."""
+        bad = self.nan if nan else (lambda r: self.nan(r) or self.inf(r))
+        stack = [t for t in targets if bad(t)]
+        seen: set[int] = set()
+        origins: list[int] = []
+        while stack:
+            r = stack.pop()
+            if r in seen:
+                continue
+            seen.add(r)
+            upstream = [i for i in self.recs[r].inputs if bad(i)]
+            if upstream:
+                stack.extend(upstream)
+            else:
+                origins.append(r)
+        computed = [r for r in origins if not any(math.isinf(x) for x in self.recs[r].scalars)]
+        return min(computed or origins) if origins else None  # an Inf computed beats an -inf written on purpose
+
+    def first_origin(self, nan: bool, kind: str) -> int | None:
+        """Without a path to follow: the first record of ``kind`` (else any) that makes a NaN (or Inf) from inputs
+        without one, skipping Infs written on purpose (a ``-inf`` fill)."""
+        bad = self.nan if nan else (lambda r: self.nan(r) or self.inf(r))
+        found = [r for r, rec in enumerate(self.recs) if bad(r) and not any(bad(i) for i in rec.inputs)
+                 and (nan or not any(math.isinf(x) for x in rec.scalars))]
+        return next((r for r in found if self.recs[r].kind == kind), found[0] if found else None)
+
+    def count_like(self, r: int, depth: int = 0) -> bool:
+        """Whether record ``r`` holds a count: an integer/bool tensor, or a sum / conversion of one."""
+        rec = self.recs[r]
+        if rec.dtype is not None and not (rec.dtype.is_floating_point or rec.dtype.is_complex):
+            return True
+        if depth < 4 and _base(rec.op) in ("sum", "_to_copy", "clone", "count_nonzero", "to", "type_as", "copy"):
+            return any(self.count_like(i, depth + 1) for i in rec.inputs)
+        return False
+
+
 def locate_nonfinite(
     closure: Callable[[], Tensor],
     model: nn.Module | None = None,
@@ -362,12 +765,23 @@ def locate_nonfinite(
     loss_scale: float | Tensor | None = None,
     step: int | None = None,
 ) -> Diagnosis | None:
-    """Replay one step (``closure()``, then backward) under the op-level locator; ``None`` if all stayed finite.
+    """Replay one step (``closure()``, then backward) under the op-level locator; ``None`` if loss and gradients
+    stayed finite.
 
-    The model's parameters, buffers and existing gradients, and the global RNG state, are the same afterwards as
-    before; the closure is called exactly once. Without ``model`` the first module the closure runs is taken as
-    the root for naming modules and parameters. ``loss_scale`` multiplies the loss before backward, to reproduce a
-    GradScaler's overflow. The flags are read once, at the end.
+    Blame follows the data. Every op output is recorded with the records its inputs came from and device-side
+    NaN/Inf flags (read once, at the end). From the non-finite loss (or, if the loss is finite, the non-finite
+    gradients: ``stage="backward"``) the locator walks back along the values that reach it. The origin of a NaN is
+    the first op on that path whose output has a NaN while none of its inputs has one; the origin of an Inf-only
+    failure is the first op on it that turns finite inputs into an Inf. An Inf that is produced and then
+    neutralised (an attention mask of ``-inf`` that softmax turns into 0, the untaken branch of ``torch.where``)
+    is not on that path and is never blamed. A NaN made from an Inf (``0 * log 0``, ``inf - inf``) names the op
+    that made the NaN, and its cause names the op where the Inf started.
+
+    The model's parameters, buffers and existing gradients, and the RNG state (via ``torch.random.fork_rng``), are
+    the same afterwards as before; the closure is called exactly once. The replay uses global module hooks and the
+    global RNG, so it is not thread-safe: do not run other models in other threads meanwhile. Without ``model`` the
+    first module the closure runs is taken as the root for naming modules and parameters. ``loss_scale`` multiplies
+    the loss before backward, to reproduce a GradScaler's overflow.
 
     Example:
         >>> import torch, gradguard as gg
@@ -384,57 +798,147 @@ def locate_nonfinite(
         >>> d.stage, d.module, d.op
         ('forward', '', 'aten.log.default')
     """
-    rng = _rng_state()
     params: list[tuple[str, Tensor]] = list(model.named_parameters()) if model is not None else []
     buffers: list[Tensor] = [b for b in model.buffers() if b is not None] if model is not None else []
     saved_buffers = [b.detach().clone() for b in buffers]
     saved_grads = [p.grad for _, p in params]
+    late: list[tuple[Tensor, Tensor | None]] = []
     for _, p in params:
         p.grad = None
-    param_names = {p.data_ptr(): n for n, p in params}
+
+    def names(ps: list[tuple[str, Tensor]]) -> dict[int, str]:
+        return {id(k): n for n, p in ps if (k := _storage_key(p)) is not None}
+
     try:
-        with _module_tracking(model) as modules:
-            locator = _Locator(param_names, modules)
+        with torch.random.fork_rng(devices=_cuda_devices()), _module_tracking(model) as modules:
+            named_buffers = list(model.named_buffers()) if model is not None else []
+            locator = _Locator(names(params + named_buffers), modules)  # a buffer (running stats) counts as state
             with _NodeOwner(modules), locator:
                 loss = closure()
             if model is None and modules.root is not None:  # name parameters after the root module the closure ran
                 params = list(modules.root.named_parameters())
-                locator.param_names.update({p.data_ptr(): n for n, p in params})
-            if backward and isinstance(loss, Tensor) and loss.requires_grad:
+                named_buffers = list(modules.root.named_buffers())
+                locator.param_names.update(names(params + named_buffers))
+                for name, p in params + named_buffers:
+                    key = _storage_key(p)
+                    r = locator.where.get(key) if key is not None else None
+                    if r is not None and locator.recs[r].kind == "input":
+                        locator.recs[r].kind, locator.recs[r].name = "param", name
+            if model is None:  # leaf tensors the closure differentiates without a module
+                known = {id(p) for _, p in params}
+                params += [(f"<tensor {i}>", t) for i, t in enumerate(x for x in locator.leaves if id(x) not in known)]
+            late = [(p, p.grad) for _, p in params[len(saved_grads):]]  # found by running: keep their gradients
+            for p, _ in late:
+                p.grad = None
+            if not isinstance(loss, Tensor):
+                raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
+            loss_rec = locator.source(loss, None, None)  # an input record if no op produced it
+            if loss.grad_fn is not None and loss_rec is not None:
+                made = locator.made_by.get(loss)
+                if made is not None:
+                    locator.node_op.setdefault(loss.grad_fn._sequence_nr(), made)
+            loss_flag = len(locator.flags)
+            locator.flags.append(_flags(loss.detach()) if _is_float(loss) and loss.numel() else
+                                 torch.zeros(2, dtype=torch.bool, device=loss.device))
+            if backward and loss.requires_grad:
                 locator.backward = True
                 with locator:
                     (loss * loss_scale if loss_scale is not None else loss).backward()  # type: ignore[no-untyped-call]
-        grad_codes = [_nonfinite_code(p.grad) for _, p in params if p.grad is not None]
-        grad_names = [n for n, p in params if p.grad is not None]
-        n_events = len(locator.codes)
-        both = [*locator.codes, *grad_codes]
-        sums = torch.stack([c.to(torch.float64) for c in both]).tolist() if both else []  # the one read
-        codes = [_code_value(x) for x in sums]
+            with_grad = [(n, p.grad) for n, p in params if p.grad is not None]
+            grad_flags = len(locator.flags)
+            locator.flags.extend(_flags(g) for _, g in with_grad)
+            grad_keys = [_storage_key(g) for _, g in with_grad]
+            grad_recs = [locator.where.get(gk) if gk is not None else None for gk in grad_keys]
+            flags = _read(locator.flags)  # the one host read
     finally:
         for (_, p), g in zip(params[: len(saved_grads)], saved_grads):
+            p.grad = g
+        for p, g in late:
             p.grad = g
         with torch.no_grad():
             for b, s in zip(buffers, saved_buffers):
                 b.copy_(s)
-        _set_rng_state(rng)
-    bad_params = tuple(n for n, c in zip(grad_names, codes[n_events:]) if c)
-    first = next((i for i, c in enumerate(codes[:n_events]) if c), None)
-    if first is None:
-        if bad_params:
-            cause, fix = explain("backward")
-            return Diagnosis("backward", parameters=bad_params, cause=cause, fix=fix, step=step, located=True)
+    graph = _Graph(locator.recs, flags)
+    bad_params = tuple(n for (n, _), f in zip(with_grad, flags[grad_flags:]) if f[0] or f[1])
+    loss_nan, loss_inf = flags[loss_flag]
+    if loss_nan or loss_inf:
+        targets = [loss_rec] if loss_rec is not None else []
+        want_nan, stage = loss_nan, "forward"
+    elif bad_params:
+        bad = [(r, f) for r, f in zip(grad_recs, flags[grad_flags:]) if f[0] or f[1]]
+        targets = [r for r, _ in bad if r is not None]
+        want_nan, stage = any(f[0] for _, f in bad), "backward"
+    else:
         return None
-    ev = locator.events[first]
-    value = codes[first]
-    if ev.kind == "param":
-        cause, fix = explain("step")
-        return Diagnosis("step", ev.module, ev.op, None, (ev.name or "",), cause, fix, value, step, True)
-    if ev.kind == "input":
-        cause, fix = explain("input")
-        return Diagnosis("input", ev.module, ev.op, None, bad_params, cause, fix, value, step, True)
-    if ev.kind == "forward":
-        cause, fix = explain("forward", ev.op)
-        return Diagnosis("forward", ev.module, ev.op, None, bad_params, cause, fix, value, step, True)
-    fwd_op = _forward_op_of(ev.node) or ev.op
-    cause, fix = explain("backward", fwd_op, ev.node, scaled=loss_scale is not None)
-    return Diagnosis("backward", ev.module, fwd_op, ev.node, bad_params, cause, fix, value, step, True)
+    o = graph.origin(targets, want_nan)
+    if o is None:  # the failing value's producer was not recorded: the first origin of the stage, as a fallback
+        o = graph.first_origin(want_nan, "forward" if stage == "forward" else "backward")
+    if o is None:
+        cause, fix = explain(stage)
+        return Diagnosis(stage, parameters=bad_params, cause=cause, fix=fix, step=step, located=True)
+    rec = locator.recs[o]
+    facts: dict[str, Any] = {}
+    if want_nan and rec.kind in ("forward", "backward"):  # a NaN made from an Inf: where did the Inf start?
+        inf_in = [i for i in rec.inputs if graph.inf(i)]
+        src = graph.origin(inf_in, nan=False) if inf_in else None
+        if src is not None:
+            srec = locator.recs[src]
+            # an Inf written on purpose (a -inf mask fill, where(..., -inf)) or one the forward pass discarded
+            # (it reached the NaN only through a backward op): the NaN is born where it was made
+            deliberate = any(math.isinf(x) for x in srec.scalars) or _base(rec.op) in _SOFTMAX
+            crossed = rec.kind == "backward" and srec.kind == "forward"
+            if srec.kind in ("input", "param") and not deliberate and _base(rec.op) not in _SOFTMAX:
+                o, rec = src, srec  # the batch (or a weight) held the Inf that became NaN
+            elif deliberate or crossed:
+                facts["inf_op"] = srec.op if srec.kind != "backward" else _op_of_node(locator, srec)
+                facts["inf_dtype"] = srec.dtype
+                if crossed:
+                    facts["discarded"] = True
+            else:  # an Inf computed on the same path (overflow, x / 0, log 0) then became NaN: blame the Inf
+                facts["nan_op"] = rec.op if rec.kind == "forward" else _op_of_node(locator, rec)
+                o, rec = src, srec
+    value = _value(graph.nan(o), graph.inf(o))
+    if rec.kind == "param":
+        cause, fix = explain("step", facts={"params_before": True})
+        return Diagnosis("step", rec.module, rec.op, None, (rec.name or "",), cause, fix, value, step, True)
+    if rec.kind == "input":
+        cause, fix = explain("input", value=value)
+        return Diagnosis("input", rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
+    base = _base(rec.op)
+    arg = None  # the input at the edge of the domain: a denominator, a log or root argument
+    if base in _DIVS and len(rec.inputs) >= 2 and rec.kind == "forward":
+        arg = rec.inputs[1]
+        if graph.count_like(arg):
+            facts["count"] = True
+    elif base in (*_LOGS, "sqrt", "rsqrt", "reciprocal") and rec.inputs and rec.kind == "forward":
+        arg = rec.inputs[0]
+    if arg is not None:
+        a = locator.recs[arg]
+        eps = [abs(x) for x in a.scalars if 0 < abs(x) <= 1e-2]
+        if _base(a.op) in ("add", "sub") and eps:
+            facts["eps"] = eps[0]
+    if base in _STDVAR and rec.reduced <= 1:
+        facts["single"] = True
+    if any(math.isinf(x) for x in rec.scalars) and graph.inf(o):
+        facts["constant_inf"] = True
+    if stage == "backward" and rec.kind == "forward":  # born in forward, reached only the gradients
+        facts["discarded"] = True
+    if rec.kind == "backward":  # the aten op inside the node: a pole (div, rsqrt, pow < 0) or growth (mul, mm)
+        facts["bw_op"] = base
+        if base == "pow" and rec.scalars and rec.scalars[-1] >= 0:
+            facts["bw_op"] = "mul"  # x ** (p - 1) with p - 1 >= 0 grows, it has no pole
+    if rec.kind == "forward":
+        cause, fix = explain(stage, rec.op, None, value=value, dtype=rec.dtype, facts=facts,
+                             scaled=loss_scale is not None)
+        return Diagnosis(stage, rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
+    fwd_op = _op_of_node(locator, rec)
+    cause, fix = explain("backward", fwd_op, rec.node, scaled=loss_scale is not None, value=value, dtype=rec.dtype,
+                         facts=facts)
+    return Diagnosis("backward", rec.module, fwd_op, rec.node, bad_params, cause, fix, value, step, True)
+
+
+def _op_of_node(locator: _Locator, rec: _Rec) -> str | None:
+    """The forward aten op (packet) of a backward record's autograd node: as seen created, else from its name."""
+    if rec.node_seq is not None and rec.node_seq in locator.node_op:
+        return locator.node_op[rec.node_seq]
+    return _forward_op_of(rec.node) or rec.op
