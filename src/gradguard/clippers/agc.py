@@ -90,87 +90,97 @@ class AGC(Clipper):
         self._excluded = name_filter(exclude)
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
-        p = self.norm_type
+        self._check_sharded(params)  # before any gradient is touched
         unitwise: list[int] = []
-        unit_g: list[Tensor] = []
         whole: list[int] = []
         skipped: list[int] = []
-        for info in params:  # checked before any gradient is touched
+        for k, info in enumerate(params):
+            if self._excluded(info.name):
+                skipped.append(k)
+            elif unit_layout(info.param, info.module) is None:
+                whole.append(k)
+            else:
+                unitwise.append(k)
+        parts: list[tuple[list[int], Tensor, Tensor]] = []  # (parameter indices, their norms, their factors)
+        if unitwise:
+            parts.append((unitwise, *self._clip_units([params[k] for k in unitwise])))
+        if whole:
+            parts.append((whole, *self._clip_whole([params[k] for k in whole])))
+        if skipped:
+            s_norms = norms.tensor_norms([params[k].grad for k in skipped], self.norm_type, check=False)
+            parts.append((skipped, s_norms, torch.ones_like(s_norms)))
+        return self._stats(params, parts)
+
+    def _check_sharded(self, params: list[ParamInfo]) -> None:
+        for info in params:
             if is_dtensor(info.grad) and info.param.dim() > 1 and not self._excluded(info.name):
                 raise TypeError(
                     f"AGC cannot clip the sharded (DTensor) gradient of {info.name!r} unit-wise yet: its units may "
                     "span ranks. Use a global-norm strategy under FSDP2 / tensor parallel (gg.NormClip, gg.ZClip, "
                     "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
                 )
+
+    def _clip_units(self, params: list[ParamInfo]) -> tuple[Tensor, Tensor]:
+        """Every unit of every multi-unit tensor at once (a handful of ops, not a dozen per tensor).
+
+        Returns each tensor's gradient norm and its smallest unit factor.
+        """
+        p = self.norm_type
         views: list[Tensor] = []  # unit views of the gradients (contiguous copies for rare strided ones)
         strided: list[tuple[Tensor, Tensor]] = []  # (gradient, its contiguous copy) to write back
+        unit_g: list[Tensor] = []
         w_units: list[Tensor] = []
-        for k, info in enumerate(params):
-            if self._excluded(info.name):
-                skipped.append(k)
-                continue
+        for info in params:
             layout = unit_layout(info.param, info.module)
-            if layout is None:
-                whole.append(k)
-                continue
+            assert layout is not None
             view_shape, dims = layout
             grad = info.grad
             shape = _view_shape(grad, view_shape)
             view = grad.view(shape) if grad.is_contiguous() else grad.reshape(shape).clone()
             if not grad.is_contiguous():
                 strided.append((grad, view))
-            unitwise.append(k)
             views.append(view)
             unit_g.append(norms.unit_norms(view, None, dims, p))
             w_units.append(norms.unit_norms(info.param.detach(), view_shape, dims, p))
-        order: list[int] = []
-        per_parts: list[Tensor] = []
-        coef_parts: list[Tensor] = []
-        if unitwise:  # every unit of every tensor at once: a handful of ops, not a dozen per tensor
-            device = unit_g[0].device
-            counts = [u.numel() for u in unit_g]
-            owner = torch.repeat_interleave(torch.arange(len(unitwise)), torch.tensor(counts)).to(device)
-            g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
-            w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
-            coef_all = _agc_coef(w_all, g_all, self.clipping, self.eps)
-            smallest = torch.ones(len(unitwise), dtype=g_all.dtype, device=device).scatter_reduce_(
-                0, owner, coef_all, reduce="amin"
-            )
-            coefs = [c.view(u.shape) for c, u in zip(torch.split(coef_all, counts), unit_g)]
-            scale_units_(views, coefs, smallest)
-            for grad, copy in strided:
-                grad.copy_(copy.view(grad.shape))
-            per_parts.append(norms.group_norms(g_all, owner, len(unitwise), p))
-            coef_parts.append(smallest)
-            order += unitwise
-        if whole:
-            grads = [params[k].grad for k in whole]
-            g_norms = norms.tensor_norms(grads, p, check=False)
-            whole_coefs = _agc_coef(
-                norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False),
-                g_norms,
-                self.clipping,
-                self.eps,
-            )
-            scale_(grads, whole_coefs)
-            per_parts.append(g_norms)
-            coef_parts.append(whole_coefs)
-            order += whole
-        if skipped:
-            s_norms = norms.tensor_norms([params[k].grad for k in skipped], p, check=False)
-            per_parts.append(s_norms)
-            coef_parts.append(torch.ones_like(s_norms))
-            order += skipped
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in per_parts) else torch.float32
-        device = per_parts[0].device
+        device = unit_g[0].device
+        counts = [u.numel() for u in unit_g]
+        owner = torch.repeat_interleave(
+            torch.arange(len(params), device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+        )
+        g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
+        w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
+        coef_all = _agc_coef(w_all, g_all, self.clipping, self.eps)
+        smallest = torch.ones(len(params), dtype=g_all.dtype, device=device).scatter_reduce_(
+            0, owner, coef_all, reduce="amin"
+        )
+        coefs = [c.view(u.shape) for c, u in zip(torch.split(coef_all, counts), unit_g)]
+        scale_units_(views, coefs, smallest)
+        for grad, copy in strided:
+            grad.copy_(copy.view(grad.shape))
+        return norms.group_norms(g_all, owner, len(params), p), smallest
+
+    def _clip_whole(self, params: list[ParamInfo]) -> tuple[Tensor, Tensor]:
+        """Single-unit tensors (biases, norm scales): each by its own norm. Returns (norms, factors)."""
+        grads = [i.grad for i in params]
+        g_norms = norms.tensor_norms(grads, self.norm_type, check=False)
+        w_norms = norms.tensor_norms([i.param.detach() for i in params], self.norm_type, check=False)
+        coefs = _agc_coef(w_norms, g_norms, self.clipping, self.eps)
+        scale_(grads, coefs)
+        return g_norms, coefs
+
+    def _stats(self, params: list[ParamInfo], parts: list[tuple[list[int], Tensor, Tensor]]) -> ClipStats:
+        """The per-parameter norms and factors back in parameter order, and the global fields."""
+        dtype = torch.float64 if any(n.dtype == torch.float64 for _, n, _ in parts) else torch.float32
+        device = parts[0][1].device
+        order = [k for idx, _, _ in parts for k in idx]
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
-        inverse = inverse.to(device)  # back to parameter order
-        per = torch.cat([t.to(device, dtype) for t in per_parts])[inverse]
-        per_coef = torch.cat([t.to(device, dtype) for t in coef_parts])[inverse]
+        inverse = inverse.to(device)
+        per = torch.cat([n.to(device, dtype) for _, n, _ in parts])[inverse]
+        per_coef = torch.cat([c.to(device, dtype) for _, _, c in parts])[inverse]
         coef_min = per_coef.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, p, process_group=self.process_group),
+            norm=norms.combine_norms(per, self.norm_type, process_group=self.process_group),
             threshold=torch.full((), math.inf, dtype=dtype, device=device),
             coef=coef_min,
             clipped=coef_min < 1,
@@ -182,5 +192,5 @@ class AGC(Clipper):
 
 def _view_shape(t: Tensor, view_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Resolve the ``-1`` of ``view_shape`` for ``t``."""
-    known = math.prod(s for s in view_shape if s != -1)
+    known = math.prod([s for s in view_shape if s != -1])
     return tuple(t.numel() // known if s == -1 else s for s in view_shape)
