@@ -138,6 +138,7 @@ class AdaGC(Clipper):
         local_limit = self.lambda_rel * gamma  # inf for a tensor never seen: no clip on first sight
         local_coef = clip_coefficient(local_limit.to(per.dtype), per)
         coefs = torch.where(warm, global_coef.expand_as(per), local_coef)
+        coefs = torch.where(finite, coefs, 1.0)  # a non-finite step scales nothing (and changes no statistic)
         clipped_norms = (coefs * per).float()
         ema = torch.where(torch.isinf(gamma), clipped_norms, self.beta * gamma + (1 - self.beta) * clipped_norms)
         new_gamma = torch.where(warm, torch.minimum(gamma, clipped_norms), ema)

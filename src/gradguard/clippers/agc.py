@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -91,6 +92,51 @@ class AGC(Clipper):
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         self._check_sharded(params)  # before any gradient is touched
+        p = self.norm_type
+        unitwise, whole, skipped = self._partition(params)
+        parts: list[tuple[list[int], Tensor]] = []  # (parameter indices, their gradient norms)
+        units = self._units([params[k] for k in unitwise]) if unitwise else None
+        if units is not None:
+            parts.append((unitwise, norms.group_norms(units.g_all, units.owner, len(unitwise), p)))
+        whole_grads = [params[k].grad for k in whole]
+        whole_norms = norms.tensor_norms(whole_grads, p, check=False) if whole else None
+        if whole_norms is not None:
+            parts.append((whole, whole_norms))
+        if skipped:
+            parts.append((skipped, norms.tensor_norms([params[k].grad for k in skipped], p, check=False)))
+        dtype = torch.float64 if any(n.dtype == torch.float64 for _, n in parts) else torch.float32
+        device = parts[0][1].device
+        order = [k for idx, _ in parts for k in idx]
+        inverse = torch.empty(len(order), dtype=torch.long)
+        inverse[torch.tensor(order)] = torch.arange(len(order))
+        inverse = inverse.to(device)  # back to parameter order
+        per = torch.cat([n.to(device, dtype) for _, n in parts])[inverse]
+        total = norms.combine_norms(per, p, process_group=self.process_group)
+        finite = torch.isfinite(total)  # a non-finite step leaves every gradient as it was
+        coef_parts: list[Tensor] = []
+        if units is not None:
+            coef_parts.append(self._scale_units(units, finite))
+        if whole_norms is not None:
+            w_norms = norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False)
+            whole_coefs = torch.where(finite, _agc_coef(w_norms, whole_norms, self.clipping, self.eps), 1.0)
+            scale_(whole_grads, whole_coefs)
+            coef_parts.append(whole_coefs)
+        if skipped:
+            coef_parts.append(torch.ones(len(skipped), dtype=dtype, device=device))
+        per_coef = torch.cat([c.to(device, dtype) for c in coef_parts])[inverse]
+        coef_min = per_coef.amin()
+        return ClipStats(
+            norm=total,
+            threshold=torch.full((), math.inf, dtype=dtype, device=device),
+            coef=coef_min,
+            clipped=coef_min < 1,
+            names=tuple(i.name for i in params),
+            tensor_norms=per,
+            tensor_coefs=per_coef,
+        )
+
+    def _partition(self, params: list[ParamInfo]) -> tuple[list[int], list[int], list[int]]:
+        """Indices of (multi-unit, single-unit, excluded) parameters."""
         unitwise: list[int] = []
         whole: list[int] = []
         skipped: list[int] = []
@@ -101,15 +147,7 @@ class AGC(Clipper):
                 whole.append(k)
             else:
                 unitwise.append(k)
-        parts: list[tuple[list[int], Tensor, Tensor]] = []  # (parameter indices, their norms, their factors)
-        if unitwise:
-            parts.append((unitwise, *self._clip_units([params[k] for k in unitwise])))
-        if whole:
-            parts.append((whole, *self._clip_whole([params[k] for k in whole])))
-        if skipped:
-            s_norms = norms.tensor_norms([params[k].grad for k in skipped], self.norm_type, check=False)
-            parts.append((skipped, s_norms, torch.ones_like(s_norms)))
-        return self._stats(params, parts)
+        return unitwise, whole, skipped
 
     def _check_sharded(self, params: list[ParamInfo]) -> None:
         for info in params:
@@ -120,11 +158,8 @@ class AGC(Clipper):
                     "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
                 )
 
-    def _clip_units(self, params: list[ParamInfo]) -> tuple[Tensor, Tensor]:
-        """Every unit of every multi-unit tensor at once (a handful of ops, not a dozen per tensor).
-
-        Returns each tensor's gradient norm and its smallest unit factor.
-        """
+    def _units(self, params: list[ParamInfo]) -> _Units:
+        """Unit views and unit norms of every multi-unit tensor, batched (a handful of ops, not a dozen per tensor)."""
         p = self.norm_type
         views: list[Tensor] = []  # unit views of the gradients (contiguous copies for rare strided ones)
         strided: list[tuple[Tensor, Tensor]] = []  # (gradient, its contiguous copy) to write back
@@ -149,45 +184,29 @@ class AGC(Clipper):
         )
         g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
         w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
-        coef_all = _agc_coef(w_all, g_all, self.clipping, self.eps)
-        smallest = torch.ones(len(params), dtype=g_all.dtype, device=device).scatter_reduce_(
-            0, owner, coef_all, reduce="amin"
+        return _Units(views, strided, [u.shape for u in unit_g], counts, owner, g_all, w_all)
+
+    def _scale_units(self, units: _Units, finite: Tensor) -> Tensor:
+        """Scale every unit by its factor (1 everywhere when ``finite`` is false); each tensor's smallest factor."""
+        coef_all = torch.where(finite, _agc_coef(units.w_all, units.g_all, self.clipping, self.eps), 1.0)
+        smallest = torch.ones(len(units.views), dtype=coef_all.dtype, device=coef_all.device).scatter_reduce_(
+            0, units.owner, coef_all, reduce="amin"
         )
-        coefs = [c.view(u.shape) for c, u in zip(torch.split(coef_all, counts), unit_g)]
-        scale_units_(views, coefs, smallest)
-        for grad, copy in strided:
+        coefs = [c.view(shape) for c, shape in zip(torch.split(coef_all, units.counts), units.shapes)]
+        scale_units_(units.views, coefs, smallest)
+        for grad, copy in units.strided:
             grad.copy_(copy.view(grad.shape))
-        return norms.group_norms(g_all, owner, len(params), p), smallest
+        return smallest
 
-    def _clip_whole(self, params: list[ParamInfo]) -> tuple[Tensor, Tensor]:
-        """Single-unit tensors (biases, norm scales): each by its own norm. Returns (norms, factors)."""
-        grads = [i.grad for i in params]
-        g_norms = norms.tensor_norms(grads, self.norm_type, check=False)
-        w_norms = norms.tensor_norms([i.param.detach() for i in params], self.norm_type, check=False)
-        coefs = _agc_coef(w_norms, g_norms, self.clipping, self.eps)
-        scale_(grads, coefs)
-        return g_norms, coefs
 
-    def _stats(self, params: list[ParamInfo], parts: list[tuple[list[int], Tensor, Tensor]]) -> ClipStats:
-        """The per-parameter norms and factors back in parameter order, and the global fields."""
-        dtype = torch.float64 if any(n.dtype == torch.float64 for _, n, _ in parts) else torch.float32
-        device = parts[0][1].device
-        order = [k for idx, _, _ in parts for k in idx]
-        inverse = torch.empty(len(order), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(order))
-        inverse = inverse.to(device)
-        per = torch.cat([n.to(device, dtype) for _, n, _ in parts])[inverse]
-        per_coef = torch.cat([c.to(device, dtype) for _, _, c in parts])[inverse]
-        coef_min = per_coef.amin()
-        return ClipStats(
-            norm=norms.combine_norms(per, self.norm_type, process_group=self.process_group),
-            threshold=torch.full((), math.inf, dtype=dtype, device=device),
-            coef=coef_min,
-            clipped=coef_min < 1,
-            names=tuple(i.name for i in params),
-            tensor_norms=per,
-            tensor_coefs=per_coef,
-        )
+class _Units(NamedTuple):
+    views: list[Tensor]
+    strided: list[tuple[Tensor, Tensor]]
+    shapes: list[torch.Size]
+    counts: list[int]
+    owner: Tensor  # the tensor (0..n-1) each unit belongs to
+    g_all: Tensor  # every unit's gradient norm, concatenated
+    w_all: Tensor  # every unit's weight norm
 
 
 def _view_shape(t: Tensor, view_shape: tuple[int, ...]) -> tuple[int, ...]:

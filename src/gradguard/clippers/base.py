@@ -249,7 +249,9 @@ class Chain(Clipper):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {str(i): c.state_dict() for i, c in enumerate(self.clippers)}
+        """The children's states under ``"0"``, ``"1"``...; ``{}`` while none has state."""
+        states = {str(i): c.state_dict() for i, c in enumerate(self.clippers)}
+        return states if any(states.values()) else {}
 
     def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
         """Every child's state validated before any child changes (all or nothing)."""
@@ -257,6 +259,8 @@ class Chain(Clipper):
             raise TypeError(
                 f"Chain.load_state_dict expects a mapping (from state_dict()), got {type(state_dict).__name__}"
             )
+        if not state_dict:
+            return self.reset
         expected = {str(i) for i in range(len(self.clippers))}
         if set(state_dict) != expected:
             raise ValueError(

@@ -144,13 +144,14 @@ class LayerwiseClip(Clipper):
         grads = [i.grad for i in params]
         names = tuple(i.name for i in params)
         per = norms.tensor_norms(grads, self.norm_type, check=False)
+        total = norms.combine_norms(per, self.norm_type, process_group=self.process_group)
         index, n_groups = self._group_index(names, per.device)
         group_coef = clip_coefficient(self.max_norm, norms.group_norms(per, index, n_groups, self.norm_type))
-        coefs = group_coef[index]
+        coefs = torch.where(torch.isfinite(total), group_coef[index], 1.0)  # a non-finite step: nothing scaled
         scale_(grads, coefs)
         coef = coefs.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, self.norm_type, process_group=self.process_group),
+            norm=total,
             threshold=_full(self.max_norm, per),
             coef=coef,
             clipped=coef < 1,
