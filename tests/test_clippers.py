@@ -212,6 +212,100 @@ def test_autoclip_no_nan_early_and_no_poisoning():
         assert torch.equal(a.nan_to_num(-1), clean.state_dict()[key].nan_to_num(-1)), key
 
 
+@pytest.mark.parametrize(("percentile", "seed"), [(10.0, 0), (50.0, 1), (90.0, 2), (0.0, 3), (100.0, 4)])
+def test_autoclip_full_history_beyond_the_exact_phase_is_within_one_percent(percentile, seed):
+    # norms over six orders of magnitude; exact for the first 16, then the sketch of all of them: within 1% (relative)
+    # of numpy's percentile of the whole history, every step
+    rng = np.random.default_rng(seed)
+    seq = np.exp(rng.normal(0.0, 3.0, 300))
+    w = torch.zeros(2, requires_grad=True)
+    clipper = gg.AutoClip(percentile=percentile, exact_steps=16)
+    for t, n in enumerate(seq):
+        w.grad = torch.tensor([float(n), 0.0], dtype=torch.float32)
+        got = clipper([w]).threshold.item()
+        expected = np.percentile(np.asarray(seq[: t + 1], dtype=np.float32).astype(np.float64), percentile)
+        if t < 16:
+            assert got == pytest.approx(expected, rel=1e-6), t
+        else:
+            assert abs(got - expected) <= 0.01 * expected * (1 + 1e-6), t
+    assert clipper.state_dict()["history"].numel() == 16
+
+
+def _long_run_state(clipper: gg.AutoClip, low: float, high: float, n: int) -> dict:
+    """A state as after ``n`` finite norms, half ``low`` and half ``high`` (built through the clipper's own steps)."""
+    w = torch.zeros(1, requires_grad=True)
+    probe = gg.AutoClip(exact_steps=clipper.exact_steps)
+    for v in (low, high):
+        w.grad = torch.tensor([v])
+        probe([w])
+    state = probe.state_dict()
+    sketch = state["sketch"] * (n // 2)
+    history = torch.full_like(state["history"], math.nan)
+    history[: clipper.exact_steps // 2] = low
+    history[clipper.exact_steps // 2 :] = high
+    return {"history": history, "count": torch.tensor(n), "sketch": sketch}
+
+
+def test_autoclip_default_survives_a_long_run_in_bounded_memory():
+    # issue 12: the unbounded default crashed at step 16,777,217 (quantile() input too large) and slowed with length.
+    # A state that says 2**24 norms were seen (half 0.5, half 2.0): the next steps take the full-history percentile
+    # from the sketch, with the same state size as on step one.
+    n = 2**24
+    clipper = gg.AutoClip(percentile=50.0)
+    clipper.load_state_dict(_long_run_state(clipper, 0.5, 2.0, n))
+    size = sum(t.numel() * t.element_size() for t in clipper.state_dict().values())
+    w = torch.zeros(2, requires_grad=True)
+    for step in range(3):
+        w.grad = torch.tensor([100.0, 0.0])
+        stats = clipper([w])
+        # the median of 2**23 + step + 1 norms >= 2.0 and 2**23 norms of 0.5: the upper value, 2.0 (within 1%)
+        assert abs(stats.threshold.item() - 2.0) <= 0.02 * (1 + 1e-6)
+        assert abs(w.grad.norm().item() - stats.threshold.item()) <= 1e-5 * 2
+    state = clipper.state_dict()
+    assert int(state["count"]) == n + 3 and int(state["sketch"].sum()) == n + 3
+    assert sum(t.numel() * t.element_size() for t in state.values()) == size < 64 * 1024
+    p10 = gg.AutoClip(percentile=10.0)
+    p10.load_state_dict(_long_run_state(p10, 0.5, 2.0, n))
+    w.grad = torch.tensor([100.0, 0.0])
+    assert abs(p10([w]).threshold.item() - 0.5) <= 0.005 * (1 + 1e-6)
+
+
+def test_autoclip_state_of_another_window_is_refused_by_name():
+    # issue 12: loading an AutoClip(window=8) state into AutoClip() raised IndexError later
+    w = torch.zeros(1, requires_grad=True)
+    windowed = gg.AutoClip(window=8)
+    for n in (1.0, 2.0, 3.0):
+        w.grad = torch.tensor([n])
+        windowed([w])
+    default = gg.AutoClip()
+    with pytest.raises(ValueError, match=r"missing \['sketch'\].*construct AutoClip with the window"):
+        default.load_state_dict(windowed.state_dict())
+    with pytest.raises(ValueError, match=r"state_dict\['history'\] must have shape \(4,\).*window=4"):
+        gg.AutoClip(window=4).load_state_dict(windowed.state_dict())
+    assert default.state_dict() == {}
+
+
+def test_autoclip_state_cross_checks():
+    w = torch.zeros(1, requires_grad=True)
+    clipper = gg.AutoClip(exact_steps=8)
+    for n in (3.0, 1.0, 2.0):
+        w.grad = torch.tensor([n])
+        clipper([w])
+    good = clipper.state_dict()
+    assert good["history"][:3].tolist() == [1.0, 2.0, 3.0]  # kept sorted
+    unsorted = dict(good, history=good["history"].clone())
+    unsorted["history"][:3] = torch.tensor([3.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match="sorted"):
+        clipper.load_state_dict(unsorted)
+    extra = good["sketch"].clone()
+    extra[0] += 1
+    with pytest.raises(ValueError, match=r"'sketch'\] counts 4 norms but 'count' is 3"):
+        clipper.load_state_dict(dict(good, sketch=extra))
+    with pytest.raises(ValueError, match=r"min\(count, 8\) = 2 norms"):
+        clipper.load_state_dict(dict(good, count=torch.tensor(2)))
+    assert all(torch.equal(v.nan_to_num(-1), good[k].nan_to_num(-1)) for k, v in clipper.state_dict().items())
+
+
 @pytest.mark.filterwarnings("ignore:std\\(\\):UserWarning")
 def test_autoclip_package_defect_is_not_ours():
     # autoclip 0.2.1's StandardClip returns NaN gradients on its second step (std of one sample).
@@ -393,6 +487,7 @@ BAD = [
     (lambda: gg.AutoClip(percentile=-1), ValueError, "percentile"),
     (lambda: gg.AutoClip(percentile=float("nan")), ValueError, "percentile"),
     (lambda: gg.AutoClip(window=0), ValueError, "window"),
+    (lambda: gg.AutoClip(exact_steps=0), ValueError, "exact_steps"),
     (lambda: gg.ZClip(alpha=1.0), ValueError, r"alpha must be in \(0, 1\)"),
     (lambda: gg.ZClip(alpha=0.0), ValueError, "alpha"),
     (lambda: gg.ZClip(z_thresh=0), ValueError, "z_thresh"),
@@ -437,6 +532,41 @@ def test_bad_state_dict_leaves_state_untouched():
     assert torch.equal(after["1"]["history"], before["1"]["history"])
     with pytest.raises(ValueError, match="does not match"):
         gg.ZClip().load_state_dict({"mean": torch.tensor(0.0)})
+
+
+def test_zclip_negative_mean_state_is_refused_and_cannot_flip_gradients():
+    # issue 12: a state with a negative mean made the threshold negative and flipped the sign of the gradients
+    w = torch.zeros(1, requires_grad=True)
+    clipper = gg.ZClip(warmup_steps=2)
+    for n in (1.0, 1.1, 0.9):
+        w.grad = torch.tensor([n])
+        clipper([w])
+    good = clipper.state_dict()
+    with pytest.raises(ValueError, match=r"ZClip state_dict\['mean'\] holds -5.*lower bound 0"):
+        clipper.load_state_dict(dict(good, mean=torch.tensor(-5.0)))
+    with pytest.raises(ValueError, match=r"'count'\] is 3, more than warmup_steps=2"):
+        clipper.load_state_dict(dict(good, count=torch.tensor(3)))
+    with pytest.raises(TypeError, match=r"'var'\] must be a torch.Tensor"):
+        clipper.load_state_dict(dict(good, var=0.1))
+    w.grad = torch.tensor([50.0])
+    stats = clipper([w])
+    assert bool(stats.clipped) and 0 < w.grad.item() < 50.0
+
+
+def test_adagc_state_names_are_checked():
+    clipper = gg.AdaGC(warmup_steps=1)
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(3, requires_grad=True)
+    a.grad, b.grad = torch.ones(2), torch.ones(3)
+    clipper([("a", a), ("b", b)])
+    good = clipper.state_dict()
+    assert good["names"] == ["a", "b"]
+    with pytest.raises(ValueError, match="holds a name twice"):
+        clipper.load_state_dict(dict(good, names=["a", "a"]))
+    with pytest.raises(ValueError, match=r"'gamma'\] must have shape \(3,\), one value per name"):
+        clipper.load_state_dict(dict(good, names=["a", "b", "c"]))
+    with pytest.raises(TypeError, match="list of parameter names"):
+        clipper.load_state_dict(dict(good, names=[1, 2]))
+    assert clipper.state_dict()["names"] == ["a", "b"]
 
 
 def test_bad_parameters_raise_before_anything_is_touched():
