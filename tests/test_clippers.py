@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import numpy as np
@@ -255,10 +254,10 @@ def test_autoclip_default_survives_a_long_run_in_bounded_memory():
     clipper.load_state_dict(_long_run_state(clipper, 0.5, 2.0, n))
     size = sum(t.numel() * t.element_size() for t in clipper.state_dict().values())
     w = torch.zeros(2, requires_grad=True)
-    for step in range(3):
+    for _ in range(3):
         w.grad = torch.tensor([100.0, 0.0])
         stats = clipper([w])
-        # the median of 2**23 + step + 1 norms >= 2.0 and 2**23 norms of 0.5: the upper value, 2.0 (within 1%)
+        # the median of 2**23 + k norms >= 2.0 and 2**23 norms of 0.5: the upper value, 2.0 (within 1%)
         assert abs(stats.threshold.item() - 2.0) <= 0.02 * (1 + 1e-6)
         assert abs(w.grad.norm().item() - stats.threshold.item()) <= 1e-5 * 2
     state = clipper.state_dict()
