@@ -8,12 +8,16 @@ no graph break, equal to eager. ``test_registry_covers_every_public_clipper`` fa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import io
 import math
 import re
+import sys
+import types
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +28,32 @@ from torch import nn
 import gradguard as gg
 import gradguard.clippers as clippers_pkg
 from gradguard.clippers.state import StateSpec
+
+EXTENDING = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
+
+
+def _doc_blocks(section: str) -> list[str]:
+    """The python blocks of one ``## section`` of docs/extending.md."""
+    text = EXTENDING.read_text()
+    start = text.index(f"## {section}\n")
+    end = text.find("\n## ", start + 1)
+    return re.findall(r"```python\n(.*?)```", text[start : end if end != -1 else None], flags=re.S)
+
+
+def _run_doc_block(code: str, label: str) -> dict[str, Any]:
+    """Run a doc example in a fresh namespace; its ``print(...)  # value`` comments must hold."""
+    module = types.ModuleType(f"extending_example_{abs(hash(label))}")
+    sys.modules[module.__name__] = module  # an importable home for the example's classes (torch.compile needs one)
+    namespace: dict[str, Any] = module.__dict__
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, label, "exec"), namespace)
+    expected = [m.strip() for m in re.findall(r"print\(.*\)\s+#\s*(.+)", code)]
+    assert expected and out.getvalue().split("\n")[: len(expected)] == expected, label
+    return namespace
+
+
+DOC_CLIPPER = _run_doc_block(_doc_blocks("A new clipper")[0], "extending.md: A new clipper")["EMAClip"]
 
 REGISTRY: dict[str, Callable[[], gg.Clipper]] = {
     "NormClip": lambda: gg.NormClip(1.0),
@@ -37,6 +67,7 @@ REGISTRY: dict[str, Callable[[], gg.Clipper]] = {
     "ZClip-percentile": lambda: gg.ZClip(warmup_steps=8, mode="percentile", skip_update_on_spike=True),
     "AdaGC": lambda: gg.AdaGC(warmup_steps=6),
     "Chain": lambda: gg.Chain(gg.AGC(0.1), gg.ZClip(warmup_steps=5), gg.AutoClip(exact_steps=16)),
+    "docs/extending.md EMAClip": lambda: DOC_CLIPPER(factor=1.5),  # the walkthrough's clipper, held to the contract
 }
 CASES = pytest.mark.parametrize("name", list(REGISTRY))
 # Element-wise clamping, like clip_grad_value_: finite elements are clamped whatever the norm (NaN stays NaN).
@@ -89,6 +120,15 @@ def _stateful(clipper: gg.Clipper) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------- registry
+@pytest.mark.parametrize("section", ["A new clipper", "A new integration"])
+def test_extending_doc_examples_run(section):
+    blocks = _doc_blocks(section)
+    assert blocks
+    for i, code in enumerate(blocks):
+        _run_doc_block(code, f"extending.md: {section} [{i}]")
+
+
+
 def test_registry_covers_every_public_clipper():
     public = {
         obj for name in clippers_pkg.__all__
