@@ -56,41 +56,38 @@ _BUCKETS = math.ceil(-2 * _LOW_EXP * math.log(2) / _LOG_GAMMA) + 2
 _LOG_REP = _LOW_EXP * math.log(2) + math.log(2 * _GAMMA / (_GAMMA + 1))  # log of bucket 1's representative
 
 
-def _interpolate(below: Tensor, above: Tensor, frac: Tensor, n: Tensor) -> Tensor:
-    """``below + frac * (above - below)`` (float64), NaN when ``n == 0`` (no finite norm yet)."""
-    value = below + frac * (above - below)
-    return torch.where(n > 0, value, torch.full_like(value, math.nan))
-
-
-def _ranks(n: Tensor, q: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(lower, upper, fraction) of the 0-based rank ``q (n - 1)``: linear interpolation's order statistics."""
-    h = (n.double() - 1).clamp(min=0) * q
+def _ranks(n: Tensor, q: float) -> tuple[Tensor, Tensor]:
+    """The 0-based ranks ``[lower, upper]`` (int64, shape ``(2,)``) around ``q (n - 1)``, and the fraction between."""
+    last = (n.double() - 1).clamp(min=0)
+    h = last * q
     lower = h.floor()
-    upper = torch.minimum(lower + 1, (n.double() - 1).clamp(min=0))
-    return lower.long().reshape(1), upper.long().reshape(1), h - lower
+    ranks = torch.stack([lower, torch.minimum(lower + 1, last)]).long()
+    return ranks, h - lower
+
+
+def _interpolate(pair: Tensor, frac: Tensor, n: Tensor) -> Tensor:
+    """``pair[0] + frac * (pair[1] - pair[0])`` (float64, 0-d), NaN when ``n == 0`` (no finite norm yet)."""
+    value = torch.lerp(pair[0], pair[1], frac)
+    return torch.where(n > 0, value, math.nan)
 
 
 def sorted_percentile(values: Tensor, n: Tensor, q: float) -> Tensor:
     """The ``q``-quantile (linear) of the first ``n`` entries of ascending ``values`` (float64, 0-d; NaN if n=0)."""
-    lower, upper, frac = _ranks(n, q)
-    v = values.double()
-    return _interpolate(v.index_select(0, lower), v.index_select(0, upper), frac, n).reshape(())
+    ranks, frac = _ranks(n, q)
+    return _interpolate(values.index_select(0, ranks).double(), frac, n)
 
 
 def sketch_bucket(norm: Tensor) -> Tensor:
-    """The bucket of a finite, non-negative 0-d norm (int64, shape ``(1,)``)."""
-    x = norm.double().reshape(1)
-    i = ((x.log() - _LOW_EXP * math.log(2)) / _LOG_GAMMA).floor().add(1).clamp(1, _BUCKETS - 1)
-    return torch.where(x < 2.0**_LOW_EXP, torch.zeros_like(i), i).long()
+    """The bucket of a finite, non-negative 0-d norm (int64, shape ``(1,)``): 0 below ``2**-60`` (and for 0)."""
+    i = (norm.double().reshape(1).log() - _LOW_EXP * math.log(2)) / _LOG_GAMMA + 1
+    return i.floor_().clamp_(0, _BUCKETS - 1).long()
 
 
-def sketch_percentile(counts: Tensor, n: Tensor, q: float) -> Tensor:
-    """The ``q``-quantile (linear) of the values counted in ``counts``, from bucket representatives (float64, 0-d)."""
-    lower, upper, frac = _ranks(n, q)
-    buckets = torch.searchsorted(counts.cumsum(0), torch.cat([lower, upper]), right=True)
-    reps = ((buckets - 1).double() * _LOG_GAMMA + _LOG_REP).exp()
-    reps = torch.where(buckets == 0, torch.zeros_like(reps), reps)
-    return _interpolate(reps[:1], reps[1:], frac, n).reshape(())
+def _sketch_values(counts: Tensor, ranks: Tensor, frac: Tensor, n: Tensor) -> Tensor:
+    """The interpolated value at ``ranks`` of the values counted in ``counts``, from bucket representatives."""
+    buckets = torch.searchsorted(counts.cumsum(0), ranks, right=True)
+    reps = torch.where(buckets > 0, ((buckets - 1).double() * _LOG_GAMMA + _LOG_REP).exp(), 0.0)
+    return _interpolate(reps, frac, n)
 
 
 class AutoClip(Clipper):
@@ -198,13 +195,15 @@ class AutoClip(Clipper):
         """Exact over the sorted first ``exact_steps`` norms; the sketch of all of them beyond."""
         history, count, sketch = state["history"], state["count"], state["sketch"]
         cap = history.numel()
-        value = norm.float()
+        value = norm.float().reshape(1)
         position = (history < value).sum()  # NaN slots compare False: the insertion point among the filled ones
         index = torch.arange(cap, device=history.device)
-        inserted = torch.where(index < position, history, torch.where(index == position, value, history.roll(1)))
+        shifted = torch.cat([value, history[:-1]])  # shifted[i] = history[i - 1]
+        inserted = torch.where(index < position, history, torch.where(index == position, value, shifted))
         history.copy_(torch.where(finite & (count < cap), inserted, history))
         sketch.index_add_(0, sketch_bucket(norm), finite.long().reshape(1))
         count.add_(finite.long())
-        q = self.percentile / 100.0
-        exact = sorted_percentile(history, count.clamp(max=cap), q)
-        return torch.where(count <= cap, exact, sketch_percentile(sketch, count, q))
+        # one pair of ranks for both: in the exact phase (count <= cap) they index the history, beyond it the sketch
+        ranks, frac = _ranks(count, self.percentile / 100.0)
+        exact = _interpolate(history.index_select(0, ranks.clamp(max=cap - 1)).double(), frac, count)
+        return torch.where(count <= cap, exact, _sketch_values(sketch, ranks, frac, count))
