@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
@@ -228,6 +230,28 @@ def test_autoclip_full_history_beyond_the_exact_phase_is_within_one_percent(perc
         else:
             assert abs(got - expected) <= 0.01 * expected * (1 + 1e-6), t
     assert clipper.state_dict()["history"].numel() == 16
+
+
+@given(st.floats(min_value=2.0**-60, max_value=2.0**60, allow_nan=False, allow_infinity=False))
+def test_autoclip_sketch_bucket_stands_for_its_values_within_one_percent(x):
+    # the DDSketch guarantee the full-history threshold rests on: a bucket's representative is within 1% of every
+    # value that lands in it (so is the interpolation between two representatives)
+    from gradguard.clippers.autoclip import sketch_bucket
+
+    counts = torch.zeros(5000, dtype=torch.long)
+    counts.index_add_(0, sketch_bucket(torch.tensor(x, dtype=torch.float64)), torch.tensor([1]))
+    clipper = gg.AutoClip(percentile=50.0, exact_steps=1)
+    w = torch.zeros(1, requires_grad=True)
+    w.grad = torch.tensor([1.0])
+    clipper([w])
+    state = clipper.state_dict()
+    state["sketch"] = counts[: state["sketch"].numel()] + state["sketch"]  # 1.0 and x: two norms, the sketch phase
+    state["count"] = torch.tensor(2)
+    clipper.load_state_dict(state)
+    w.grad = torch.tensor([math.nan])  # a non-finite step: only reads the threshold
+    got = clipper([w]).threshold.item()
+    expected = (1.0 + x) / 2  # the median of {1, x}
+    assert abs(got - expected) <= 0.01 * expected * (1 + 1e-6)  # + float32 rounding of the threshold
 
 
 def _long_run_state(clipper: gg.AutoClip, low: float, high: float, n: int) -> dict:
