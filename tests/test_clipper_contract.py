@@ -330,6 +330,31 @@ def _innermost_gradguard_frame(error: Exception) -> str:
     return f"{path.split('src/')[-1]}:{line} in {func}"
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="scaling.scale_ (coef.item()/.tolist() on CPU) and scaling.scale_units_ ((smallest < 1).tolist()) read "
+    "the coefficient on the host; the norm engine's owner is making them trace (torch.compiler.is_compiling()). "
+    "When that lands this passes: remove this mark.",
+)
+def test_norm_engine_and_scaling_trace_fullgraph():
+    from gradguard import functional, norms, scaling
+
+    grads = [torch.randn(4, 3), torch.randn(5)]
+
+    def engine() -> torch.Tensor:
+        per = norms.tensor_norms(grads, 2.0, check=False)
+        total = norms.combine_norms(per, 2.0)
+        scaling.scale_(grads, scaling.clip_coefficient(1.0, total))
+        scaling.scale_(grads, scaling.clip_coefficient(1.0, per))
+        units = norms.unit_norms(grads[0], None, (1,), 2.0)
+        scaling.scale_units_([grads[0]], [units.clamp(max=1.0)], units.amin().reshape(1))
+        functional.clip_grad_value_(grads, 0.1)
+        return norms.total_norm(grads, math.inf, check=False)
+
+    torch._dynamo.reset()
+    torch.compile(engine, fullgraph=True, backend="eager")()
+
+
 @CASES
 def test_compiles_fullgraph_and_equals_eager(name):
     torch._dynamo.reset()
