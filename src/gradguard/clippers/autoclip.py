@@ -21,7 +21,7 @@ run of any length:
   :math:`\gamma = 1.01/0.99`, and stands for :math:`2^{-60}\gamma^{i-1}\cdot 2\gamma/(\gamma+1)`, within 1% of every
   norm in it. The two order statistics around the percentile are read from the cumulative counts and interpolated,
   so the threshold is within **1% (relative)** of the exact full-history percentile, whatever the run's length
-  (norms below :math:`2^{-60}` count as 0; above :math:`2^{60}`, as :math:`2^{60}`). 4120 int64 counts, a cumsum
+  (norms below :math:`2^{-60}` count as 0; above :math:`2^{60}`, as :math:`2^{60}`). 4161 int64 counts, a cumsum
   and a two-element search per step.
 
 ``window=N`` instead keeps only the last ``N`` norms (a ring buffer), exactly (a sort of ``N`` values per step).
