@@ -637,3 +637,31 @@ def test_agc_matches_timm_where_timm_is_right_and_not_for_conv_transpose():
             assert not torch.allclose(p.grad, q.grad, rtol=1e-4)
         else:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-8, msg=name)
+
+
+def test_chain_loads_a_clipper_that_manages_its_own_state():
+    # a third-party clipper overriding state_dict/load_state_dict (no declared state) still round-trips in a Chain
+    class Counting(gg.NormClip):
+        def __init__(self) -> None:
+            super().__init__(1.0)
+            self.calls = 0
+
+        def clip(self, params):
+            self.calls += 1
+            return super().clip(params)
+
+        def state_dict(self):
+            return {"calls": self.calls}
+
+        def load_state_dict(self, state_dict):
+            self.calls = int(state_dict["calls"])
+
+    w = torch.zeros(1, requires_grad=True)
+    chain = gg.Chain(Counting(), gg.AutoClip())
+    for n in (1.0, 2.0, 3.0):
+        w.grad = torch.tensor([n])
+        chain([w])
+    fresh = gg.Chain(Counting(), gg.AutoClip())
+    fresh.load_state_dict(chain.state_dict())
+    assert fresh.clippers[0].calls == 3
+    assert torch.equal(fresh.state_dict()["1"]["count"], torch.tensor(3))

@@ -13,6 +13,7 @@ bit for bit, and a state that does not fit is refused before anything changes.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
@@ -267,7 +268,12 @@ class Chain(Clipper):
                 f"Chain state_dict must have keys {sorted(expected)}, got {sorted(state_dict)}; construct the Chain "
                 "with the clippers the checkpoint was saved with"
             )
-        commits = [c._prepare_load(state_dict[str(i)]) for i, c in enumerate(self.clippers)]
+        commits = [
+            c._prepare_load(state_dict[str(i)])
+            if type(c).load_state_dict is DeviceState.load_state_dict
+            else functools.partial(c.load_state_dict, state_dict[str(i)])  # a clipper with its own (not atomic)
+            for i, c in enumerate(self.clippers)
+        ]
 
         def commit() -> None:
             for c in commits:
