@@ -665,3 +665,30 @@ def test_chain_loads_a_clipper_that_manages_its_own_state():
     fresh.load_state_dict(chain.state_dict())
     assert fresh.clippers[0].calls == 3
     assert torch.equal(fresh.state_dict()["1"]["count"], torch.tensor(3))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_autoclip_loads_a_checkpoint_of_the_previous_format(window):
+    # before the bounded default: {"history": norms in arrival order (NaN-padded, grown by doubling), "count",
+    # "calls"}. Converted exactly: the resumed clipper continues as if it had seen the same norms itself.
+    seq = _norm_sequence(n=80)[:40]
+    w = torch.zeros(1, requires_grad=True)
+    clipper = gg.AutoClip(window=window, exact_steps=16)
+    for n in seq[:30]:
+        w.grad = torch.tensor([n], dtype=torch.float32)
+        clipper([w])
+    if window is None:
+        history = torch.full((64,), math.nan)
+        history[:30] = torch.tensor(seq[:30], dtype=torch.float32)
+    else:
+        history = clipper.state_dict()["history"]  # the ring was already this format
+    previous = {"history": history, "count": torch.tensor(30), "calls": 31}
+    resumed = gg.AutoClip(window=window, exact_steps=16)
+    resumed.load_state_dict(previous)
+    for k, v in clipper.state_dict().items():
+        assert torch.equal(v.nan_to_num(-1), resumed.state_dict()[k].nan_to_num(-1)), k
+    for n in seq[30:]:
+        w.grad = torch.tensor([n], dtype=torch.float32)
+        a = clipper([w]).threshold
+        w.grad = torch.tensor([n], dtype=torch.float32)
+        assert torch.equal(a, resumed([w]).threshold)

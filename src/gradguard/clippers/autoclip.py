@@ -35,7 +35,7 @@ non-finite norm never enters the history (the step leaves the state as if it had
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -78,8 +78,8 @@ def sorted_percentile(values: Tensor, n: Tensor, q: float) -> Tensor:
 
 
 def sketch_bucket(norm: Tensor) -> Tensor:
-    """The bucket of a finite, non-negative 0-d norm (int64, shape ``(1,)``): 0 below ``2**-60`` (and for 0)."""
-    i = (norm.double().reshape(1).log() - _LOW_EXP * math.log(2)) / _LOG_GAMMA + 1
+    """The buckets of finite, non-negative norms (int64, flat; shape ``(1,)`` for a 0-d norm): 0 below ``2**-60``."""
+    i = (norm.double().reshape(-1).log() - _LOW_EXP * math.log(2)) / _LOG_GAMMA + 1
     return i.floor_().clamp_(0, _BUCKETS - 1).long()
 
 
@@ -165,6 +165,28 @@ class AutoClip(Clipper):
                     f"AutoClip state_dict['sketch'] counts {int(state['sketch'].sum())} norms but 'count' is "
                     f"{int(count)}; the checkpoint is corrupt"
                 )
+
+    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
+        """Also accepts the previous format (``history`` in arrival order, ``count``, ``calls``), converted exactly."""
+        if isinstance(state_dict, Mapping) and set(state_dict) == {"history", "count", "calls"}:
+            state_dict = self._from_previous_format(state_dict)
+        return super()._prepare_load(state_dict)
+
+    def _from_previous_format(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        history, count = state["history"], state["count"]
+        if not (isinstance(history, Tensor) and isinstance(count, Tensor) and history.dim() == 1):
+            return state  # the regular checks say what is wrong
+        if self.window is not None:
+            return {"history": history, "count": count}
+        n = min(int(count), history.numel())
+        seen = history[:n].float()  # the finite norms, in the order they came
+        exact = torch.full((self.exact_steps,), math.nan, dtype=torch.float32)
+        first = torch.sort(seen[: self.exact_steps]).values
+        exact[: first.numel()] = first
+        sketch = torch.zeros(_BUCKETS, dtype=torch.long)
+        if n:
+            sketch.index_add_(0, sketch_bucket(seen.nan_to_num(0.0).clamp(min=0)), torch.ones(n, dtype=torch.long))
+        return {"history": exact, "count": count, "sketch": sketch}
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
