@@ -5,8 +5,11 @@
   Floor: read W + read G + read/write G (the least unit-wise clipping can touch).
 * ZClip vs the ``zclip`` 1.0.0 package on GPT-2 small gradients (148 tensors, 124.4M values), after warm-up, on
   steady norms (the common step: no spike, nothing to scale). Floor: one read of the gradients.
+* AutoClip's bounded default on a small model (one 1024-value gradient, so the percentile dominates): a step after
+  2**24 norms (the sketch phase) vs a step after 100 norms (the exact phase); and the previous unbounded default's
+  per-step percentile, ``torch.nanquantile`` over 2**20 norms, vs the whole bounded step.
 
-    python benchmarks/bench_strategies.py [--rounds 11]
+    python benchmarks/bench_strategies.py [--rounds 11] [--only agc,zclip,autoclip]
 """
 
 from __future__ import annotations
@@ -99,21 +102,63 @@ def bench_zclip(rounds: int) -> dict[str, float] | None:
             "peer_vs_floor": med["zclip"] / med["read"]}
 
 
+def _autoclip_after(n: int, w: nn.Parameter) -> gg.AutoClip:
+    """An AutoClip() whose state says ``n`` finite norms were seen (the real steps, then the count scaled up)."""
+    from gradguard.clippers.autoclip import sketch_bucket
+
+    clipper = gg.AutoClip()
+    steps = min(n, clipper.exact_steps + 100)
+    for v in torch.exp(torch.randn(steps, generator=torch.Generator().manual_seed(0)) * 0.3):
+        w.grad = torch.full_like(w, float(v))
+        clipper([w])
+    if n > steps:
+        state = clipper.state_dict()
+        state["sketch"].index_add_(0, sketch_bucket(torch.tensor(1.0)), torch.tensor([n - steps]))
+        state["count"] = torch.tensor(n)
+        clipper.load_state_dict(state)
+    return clipper
+
+
+def bench_autoclip(rounds: int) -> dict[str, float]:
+    w = nn.Parameter(torch.zeros(1024))
+    short, long = _autoclip_after(100, w), _autoclip_after(2**24, w)
+    w.grad = torch.randn(1024)
+    history = torch.rand(2**20)  # the previous default's history after 2**20 steps
+    med = measure(
+        {
+            "after 100": lambda: short([w]),
+            "after 2**24": lambda: long([w]),
+            "nanquantile 2**20": lambda: torch.nanquantile(history, 0.1),
+        },
+        _restore_fn([w.grad]),
+        rounds,
+    )
+    return {"long_vs_short": med["after 2**24"] / med["after 100"],
+            "old_vs_long": med["nanquantile 2**20"] / med["after 2**24"], "long_us": med["after 2**24"] * 1e6}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=11)
+    ap.add_argument("--only", default="agc,zclip,autoclip", help="comma-separated subset of agc, zclip, autoclip")
     args = ap.parse_args(argv)
+    only = set(args.only.split(","))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n")
     print("| strategy | peer | gradients | gradguard / peer | gradguard / floor | peer / floor | floor |")
     print("|---|---|---|---|---|---|---|")
-    agc = bench_agc(args.rounds)
+    agc = bench_agc(args.rounds) if "agc" in only else None
     if agc:
         print(f"| AGC(0.01) | timm adaptive_clip_grad | ResNet-50, 161 tensors, 25.6M | {agc['gg_vs_peer']:.2f}x "
               f"| {agc['gg_vs_floor']:.2f}x | {agc['peer_vs_floor']:.2f}x | read W + read G + rw G |", flush=True)
-    z = bench_zclip(args.rounds)
+    z = bench_zclip(args.rounds) if "zclip" in only else None
     if z:
         print(f"| ZClip() | zclip 1.0.0 | GPT-2 small, 148 tensors, 124.4M | {z['gg_vs_peer']:.2f}x "
               f"| {z['gg_vs_floor']:.2f}x | {z['peer_vs_floor']:.2f}x | read G |", flush=True)
+    if "autoclip" in only:
+        a = bench_autoclip(args.rounds)
+        print(f"\nAutoClip(): a step after 2**24 norms / after 100 norms: {a['long_vs_short']:.2f}x "
+              f"({a['long_us']:.0f} us); the previous default's percentile alone at 2**20 norms (nanquantile) / "
+              f"a whole bounded step after 2**24: {a['old_vs_long']:.0f}x", flush=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from gradguard.clippers import (
     ClipStats,
     LayerwiseClip,
     NormClip,
+    ParamInfo,
     ValueClip,
     ZClip,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "Monitor",
     "NonFiniteError",
     "NormClip",
+    "ParamInfo",
     "Sink",
     "SpikeDetector",
     "StepReport",

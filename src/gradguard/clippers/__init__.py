@@ -5,6 +5,7 @@ from gradguard.clippers.agc import AGC
 from gradguard.clippers.autoclip import AutoClip
 from gradguard.clippers.base import Chain, Clipper, ClipStats, ParamInfo, resolve_parameters
 from gradguard.clippers.norm import LayerwiseClip, NormClip, ValueClip
+from gradguard.clippers.state import StateSpec
 from gradguard.clippers.zclip import ZClip
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "LayerwiseClip",
     "NormClip",
     "ParamInfo",
+    "StateSpec",
     "ValueClip",
     "ZClip",
     "resolve_parameters",

@@ -32,7 +32,7 @@ from torch import Tensor
 from gradguard import norms
 from gradguard._checks import check_nonnegative
 from gradguard.clippers.base import Clipper, ClipStats, ParamInfo
-from gradguard.clippers.state import check_int, check_number, check_state_keys
+from gradguard.clippers.state import StateSpec, check_int, check_number
 from gradguard.scaling import clip_coefficient, scale_
 
 __all__ = ["AdaGC"]
@@ -73,50 +73,77 @@ class AdaGC(Clipper):
         self.warmup_steps = check_int(warmup_steps, "warmup_steps", low=0)
         self.reset()
 
-    def reset(self) -> None:
-        self._names: dict[str, int] = {}
-        self._gamma: Tensor | None = None  # per known name, inf until first seen
-        self._step: Tensor | None = None  # finite steps taken (int64, on device)
-        self._index_cache: tuple[tuple[str, ...], torch.device, Tensor] | None = None
+    _STATE_FIX = "pass the dict AdaGC.state_dict() made"
+    _names: dict[str, int]
+    _index_cache: tuple[tuple[str, ...], torch.device, Tensor] | None
 
-    def _index(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    def _state_spec(self) -> dict[str, StateSpec]:
+        return {
+            "gamma": StateSpec((-1,), torch.float32, low=0.0, inf=True),  # per known name; inf until first seen
+            "step": StateSpec((), torch.long, low=0),  # finite steps taken
+        }
+
+    def _extra_state_keys(self) -> frozenset[str]:
+        return frozenset({"names"})
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {"names": list(self._names)}
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        names = state["names"]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise TypeError(f"AdaGC state_dict['names'] must be a list of parameter names (str); {self._STATE_FIX}")
+        if len(set(names)) != len(names):
+            raise ValueError(f"AdaGC state_dict['names'] holds a name twice; {self._STATE_FIX}")
+        if state["gamma"].shape != (len(names),):
+            raise ValueError(
+                f"AdaGC state_dict['gamma'] must have shape ({len(names)},), one value per name, got "
+                f"{tuple(state['gamma'].shape)}; {self._STATE_FIX}"
+            )
+
+    def _set_extra_state(self, state: Mapping[str, Any]) -> None:
+        self._names = {n: i for i, n in enumerate(state["names"])}
+        self._index_cache = None
+
+    def reset(self) -> None:
+        super().reset()
+        self._names = {}
+        self._index_cache = None
+
+    def _index(self, names: tuple[str, ...], device: torch.device) -> tuple[Tensor, dict[str, Tensor]]:
         for n in names:
             self._names.setdefault(n, len(self._names))
-        size = len(self._names)
-        if self._gamma is None or self._step is None:
-            self._gamma = torch.full((size,), math.inf, device=device)
-            self._step = torch.zeros((), dtype=torch.long, device=device)
-        if self._gamma.numel() < size:
-            grown = torch.full((size,), math.inf, device=device)
-            grown[: self._gamma.numel()] = self._gamma.to(device)
-            self._gamma = grown
-        self._gamma = self._gamma.to(device)
-        self._step = self._step.to(device)
+        state = self._state_on(device)
+        known = state["gamma"].numel()
+        if known < len(self._names):  # new names: +inf until first seen
+            fresh = torch.full((len(self._names) - known,), math.inf, dtype=torch.float32, device=device)
+            state["gamma"] = torch.cat([state["gamma"], fresh])
         if self._index_cache is None or self._index_cache[0] != names or self._index_cache[1] != device:
             idx = torch.tensor([self._names[n] for n in names], dtype=torch.long).to(device)
             self._index_cache = (names, device, idx)
-        return self._index_cache[2], self._gamma
+        return self._index_cache[2], state
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
         names = tuple(i.name for i in params)
         per = norms.tensor_norms(grads, 2.0, check=False)
         total = norms.combine_norms(per, 2.0, process_group=self.process_group)
-        index, gamma_all = self._index(names, per.device)
-        assert self._step is not None
+        index, state = self._index(names, per.device)
+        gamma_all, step = state["gamma"], state["step"]
         gamma = gamma_all[index]
         finite = torch.isfinite(total)
-        warm = self._step < self.warmup_steps
+        warm = step < self.warmup_steps
 
         global_coef = clip_coefficient(self.lambda_abs, total)
         local_limit = self.lambda_rel * gamma  # inf for a tensor never seen: no clip on first sight
         local_coef = clip_coefficient(local_limit.to(per.dtype), per)
         coefs = torch.where(warm, global_coef.expand_as(per), local_coef)
+        coefs = torch.where(finite, coefs, 1.0)  # a non-finite step scales nothing (and changes no statistic)
         clipped_norms = (coefs * per).float()
         ema = torch.where(torch.isinf(gamma), clipped_norms, self.beta * gamma + (1 - self.beta) * clipped_norms)
         new_gamma = torch.where(warm, torch.minimum(gamma, clipped_norms), ema)
         gamma_all.index_put_((index,), torch.where(finite, new_gamma, gamma))
-        self._step.add_(finite.long())
+        step.add_(finite.long())
 
         scale_(grads, coefs)
         limits = torch.where(warm, torch.full_like(per, self.lambda_abs), local_limit.to(per.dtype))
@@ -131,20 +158,3 @@ class AdaGC(Clipper):
             tensor_coefs=coefs,
             tensor_thresholds=limits,
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._gamma is None or self._step is None:
-            return {"names": list(self._names)}
-        return {"names": list(self._names), "gamma": self._gamma.clone(), "step": self._step.clone()}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        check_state_keys(state_dict, {"names"}, {"gamma", "step"}, type(self).__name__)
-        names = list(state_dict["names"])
-        gamma = state_dict.get("gamma")
-        if gamma is not None and (not isinstance(gamma, Tensor) or gamma.shape != (len(names),)):
-            raise ValueError(f"AdaGC state_dict['gamma'] must be a tensor of shape ({len(names)},), one per name")
-        self.reset()
-        self._names = {n: i for i, n in enumerate(names)}
-        if gamma is not None:
-            self._gamma = gamma.clone()
-            self._step = torch.as_tensor(state_dict["step"]).clone()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -90,87 +91,42 @@ class AGC(Clipper):
         self._excluded = name_filter(exclude)
 
     def clip(self, params: list[ParamInfo]) -> ClipStats:
+        self._check_sharded(params)  # before any gradient is touched
         p = self.norm_type
-        unitwise: list[int] = []
-        unit_g: list[Tensor] = []
-        whole: list[int] = []
-        skipped: list[int] = []
-        for info in params:  # checked before any gradient is touched
-            if is_dtensor(info.grad) and info.param.dim() > 1 and not self._excluded(info.name):
-                raise TypeError(
-                    f"AGC cannot clip the sharded (DTensor) gradient of {info.name!r} unit-wise yet: its units may "
-                    "span ranks. Use a global-norm strategy under FSDP2 / tensor parallel (gg.NormClip, gg.ZClip, "
-                    "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
-                )
-        views: list[Tensor] = []  # unit views of the gradients (contiguous copies for rare strided ones)
-        strided: list[tuple[Tensor, Tensor]] = []  # (gradient, its contiguous copy) to write back
-        w_units: list[Tensor] = []
-        for k, info in enumerate(params):
-            if self._excluded(info.name):
-                skipped.append(k)
-                continue
-            layout = unit_layout(info.param, info.module)
-            if layout is None:
-                whole.append(k)
-                continue
-            view_shape, dims = layout
-            grad = info.grad
-            shape = _view_shape(grad, view_shape)
-            view = grad.view(shape) if grad.is_contiguous() else grad.reshape(shape).clone()
-            if not grad.is_contiguous():
-                strided.append((grad, view))
-            unitwise.append(k)
-            views.append(view)
-            unit_g.append(norms.unit_norms(view, None, dims, p))
-            w_units.append(norms.unit_norms(info.param.detach(), view_shape, dims, p))
-        order: list[int] = []
-        per_parts: list[Tensor] = []
-        coef_parts: list[Tensor] = []
-        if unitwise:  # every unit of every tensor at once: a handful of ops, not a dozen per tensor
-            device = unit_g[0].device
-            counts = [u.numel() for u in unit_g]
-            owner = torch.repeat_interleave(torch.arange(len(unitwise)), torch.tensor(counts)).to(device)
-            g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
-            w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
-            coef_all = _agc_coef(w_all, g_all, self.clipping, self.eps)
-            smallest = torch.ones(len(unitwise), dtype=g_all.dtype, device=device).scatter_reduce_(
-                0, owner, coef_all, reduce="amin"
-            )
-            coefs = [c.view(u.shape) for c, u in zip(torch.split(coef_all, counts), unit_g)]
-            scale_units_(views, coefs, smallest)
-            for grad, copy in strided:
-                grad.copy_(copy.view(grad.shape))
-            per_parts.append(norms.group_norms(g_all, owner, len(unitwise), p))
-            coef_parts.append(smallest)
-            order += unitwise
-        if whole:
-            grads = [params[k].grad for k in whole]
-            g_norms = norms.tensor_norms(grads, p, check=False)
-            whole_coefs = _agc_coef(
-                norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False),
-                g_norms,
-                self.clipping,
-                self.eps,
-            )
-            scale_(grads, whole_coefs)
-            per_parts.append(g_norms)
-            coef_parts.append(whole_coefs)
-            order += whole
+        unitwise, whole, skipped = self._partition(params)
+        parts: list[tuple[list[int], Tensor]] = []  # (parameter indices, their gradient norms)
+        units = self._units([params[k] for k in unitwise]) if unitwise else None
+        if units is not None:
+            parts.append((unitwise, norms.group_norms(units.g_all, units.owner, len(unitwise), p)))
+        whole_grads = [params[k].grad for k in whole]
+        whole_norms = norms.tensor_norms(whole_grads, p, check=False) if whole else None
+        if whole_norms is not None:
+            parts.append((whole, whole_norms))
         if skipped:
-            s_norms = norms.tensor_norms([params[k].grad for k in skipped], p, check=False)
-            per_parts.append(s_norms)
-            coef_parts.append(torch.ones_like(s_norms))
-            order += skipped
-        dtype = torch.float64 if any(t.dtype == torch.float64 for t in per_parts) else torch.float32
-        device = per_parts[0].device
+            parts.append((skipped, norms.tensor_norms([params[k].grad for k in skipped], p, check=False)))
+        dtype = torch.float64 if any(n.dtype == torch.float64 for _, n in parts) else torch.float32
+        device = parts[0][1].device
+        order = [k for idx, _ in parts for k in idx]
         inverse = torch.empty(len(order), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(order))
         inverse = inverse.to(device)  # back to parameter order
-        per = torch.cat([t.to(device, dtype) for t in per_parts])[inverse]
-        per_coef = torch.cat([t.to(device, dtype) for t in coef_parts])[inverse]
+        per = torch.cat([n.to(device, dtype) for _, n in parts])[inverse]
+        total = norms.combine_norms(per, p, process_group=self.process_group)
+        finite = torch.isfinite(total)  # a non-finite step leaves every gradient as it was
+        coef_parts: list[Tensor] = []
+        if units is not None:
+            coef_parts.append(self._scale_units(units, finite))
+        if whole_norms is not None:
+            w_norms = norms.tensor_norms([params[k].param.detach() for k in whole], p, check=False)
+            whole_coefs = torch.where(finite, _agc_coef(w_norms, whole_norms, self.clipping, self.eps), 1.0)
+            scale_(whole_grads, whole_coefs)
+            coef_parts.append(whole_coefs)
+        if skipped:
+            coef_parts.append(torch.ones(len(skipped), dtype=dtype, device=device))
+        per_coef = torch.cat([c.to(device, dtype) for c in coef_parts])[inverse]
         coef_min = per_coef.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, p, process_group=self.process_group),
+            norm=total,
             threshold=torch.full((), math.inf, dtype=dtype, device=device),
             coef=coef_min,
             clipped=coef_min < 1,
@@ -179,8 +135,81 @@ class AGC(Clipper):
             tensor_coefs=per_coef,
         )
 
+    def _partition(self, params: list[ParamInfo]) -> tuple[list[int], list[int], list[int]]:
+        """Indices of (multi-unit, single-unit, excluded) parameters."""
+        unitwise: list[int] = []
+        whole: list[int] = []
+        skipped: list[int] = []
+        for k, info in enumerate(params):
+            if self._excluded(info.name):
+                skipped.append(k)
+            elif unit_layout(info.param, info.module) is None:
+                whole.append(k)
+            else:
+                unitwise.append(k)
+        return unitwise, whole, skipped
+
+    def _check_sharded(self, params: list[ParamInfo]) -> None:
+        for info in params:
+            if is_dtensor(info.grad) and info.param.dim() > 1 and not self._excluded(info.name):
+                raise TypeError(
+                    f"AGC cannot clip the sharded (DTensor) gradient of {info.name!r} unit-wise yet: its units may "
+                    "span ranks. Use a global-norm strategy under FSDP2 / tensor parallel (gg.NormClip, gg.ZClip, "
+                    "gg.AutoClip, gg.AdaGC), or exclude the parameter with AGC(exclude=[...])"
+                )
+
+    def _units(self, params: list[ParamInfo]) -> _Units:
+        """Unit views and unit norms of every multi-unit tensor, batched (a handful of ops, not a dozen per tensor)."""
+        p = self.norm_type
+        views: list[Tensor] = []  # unit views of the gradients (contiguous copies for rare strided ones)
+        strided: list[tuple[Tensor, Tensor]] = []  # (gradient, its contiguous copy) to write back
+        unit_g: list[Tensor] = []
+        w_units: list[Tensor] = []
+        for info in params:
+            layout = unit_layout(info.param, info.module)
+            assert layout is not None
+            view_shape, dims = layout
+            grad = info.grad
+            shape = _view_shape(grad, view_shape)
+            view = grad.view(shape) if grad.is_contiguous() else grad.reshape(shape).clone()
+            if not grad.is_contiguous():
+                strided.append((grad, view))
+            views.append(view)
+            unit_g.append(norms.unit_norms(view, None, dims, p))
+            w_units.append(norms.unit_norms(info.param.detach(), view_shape, dims, p))
+        device = unit_g[0].device
+        counts = [u.numel() for u in unit_g]
+        owner = torch.repeat_interleave(
+            torch.arange(len(params), device=device), torch.tensor(counts, device=device), output_size=sum(counts)
+        )
+        g_all = torch.cat([u.reshape(-1).to(device) for u in unit_g])
+        w_all = torch.cat([u.reshape(-1).to(device) for u in w_units]).to(g_all.dtype)
+        return _Units(views, strided, [u.shape for u in unit_g], counts, owner, g_all, w_all)
+
+    def _scale_units(self, units: _Units, finite: Tensor) -> Tensor:
+        """Scale every unit by its factor (1 everywhere when ``finite`` is false); each tensor's smallest factor."""
+        coef_all = torch.where(finite, _agc_coef(units.w_all, units.g_all, self.clipping, self.eps), 1.0)
+        smallest = torch.ones(len(units.views), dtype=coef_all.dtype, device=coef_all.device).scatter_reduce_(
+            0, units.owner, coef_all, reduce="amin"
+        )
+        coefs = [c.view(shape) for c, shape in zip(torch.split(coef_all, units.counts), units.shapes)]
+        scale_units_(units.views, coefs, smallest)
+        for grad, copy in units.strided:
+            grad.copy_(copy.view(grad.shape))
+        return smallest
+
+
+class _Units(NamedTuple):
+    views: list[Tensor]
+    strided: list[tuple[Tensor, Tensor]]
+    shapes: list[torch.Size]
+    counts: list[int]
+    owner: Tensor  # the tensor (0..n-1) each unit belongs to
+    g_all: Tensor  # every unit's gradient norm, concatenated
+    w_all: Tensor  # every unit's weight norm
+
 
 def _view_shape(t: Tensor, view_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Resolve the ``-1`` of ``view_shape`` for ``t``."""
-    known = math.prod(s for s in view_shape if s != -1)
+    known = math.prod([s for s in view_shape if s != -1])
     return tuple(t.numel() // known if s == -1 else s for s in view_shape)

@@ -5,13 +5,15 @@ the norm engine (:mod:`gradguard.norms`), decides a threshold, scales the gradie
 (:mod:`gradguard.scaling`) and returns a :class:`ClipStats` of device tensors: nothing is read back to the host,
 so calling it every step costs no synchronisation on an accelerator.
 
-Stateful clippers (AutoClip, ZClip, AdaGC) keep their statistics as device tensors and round-trip them exactly
-through ``state_dict()`` / ``load_state_dict()``: a resumed run computes the same thresholds, bit for bit.
+Stateful clippers (AutoClip, ZClip, AdaGC) declare their statistics as device tensors (:class:`DeviceState`) and
+round-trip them exactly through ``state_dict()`` / ``load_state_dict()``: a resumed run computes the same thresholds,
+bit for bit, and a state that does not fit is refused before anything changes.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_gradient
+from gradguard.clippers.state import DeviceState
 
 __all__ = ["Chain", "ClipStats", "Clipper", "ParamInfo", "Parameters", "name_filter", "resolve_parameters"]
 
@@ -155,11 +158,15 @@ def name_filter(
     return lambda name: name in exact or any(fnmatch.fnmatchcase(name, g) for g in globs)
 
 
-class Clipper:
+class Clipper(DeviceState):
     """Base class: ``clipper(parameters) -> ClipStats``. Subclasses implement :meth:`clip`.
 
-    Stateless clippers need nothing more. Stateful ones override :meth:`state_dict`, :meth:`load_state_dict`
-    and :meth:`reset`.
+    Stateless clippers need nothing more. Stateful ones declare their tensors in ``_state_spec()`` (name ->
+    :class:`~gradguard.clippers.state.StateSpec`) and use ``self._state_on(device)`` in :meth:`clip`; ``state_dict``,
+    the validated, atomic ``load_state_dict``, ``reset`` and device migration come from :class:`DeviceState`.
+    The contract (see docs/extending.md): read gradients only through :mod:`gradguard.norms`, scale only through
+    :mod:`gradguard.scaling`, never read a device value on the host, and leave every statistic unchanged when the
+    norm is not finite.
 
     Distributed training: DTensor gradients (FSDP2, tensor parallel) are reduced by the norm engine on their own.
     When the ranks of a process group hold *disjoint* plain gradients (pipeline stages, experts), call
@@ -199,18 +206,6 @@ class Clipper:
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         """Clip ``params`` (all have gradients, already checked). Runs under ``torch.no_grad()``."""
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """The state needed to resume exactly (tensors are cloned)."""
-        return {}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a state produced by :meth:`state_dict`."""
-        if state_dict:
-            raise ValueError(f"{type(self).__name__} is stateless, got a non-empty state_dict {sorted(state_dict)}")
-
-    def reset(self) -> None:
-        """Forget all statistics, as if freshly constructed."""
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -255,20 +250,36 @@ class Chain(Clipper):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {str(i): c.state_dict() for i, c in enumerate(self.clippers)}
+        """The children's states under ``"0"``, ``"1"``...; ``{}`` while none has state."""
+        states = {str(i): c.state_dict() for i, c in enumerate(self.clippers)}
+        return states if any(states.values()) else {}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def _prepare_load(self, state_dict: Mapping[str, Any]) -> Callable[[], None]:
+        """Every child's state validated before any child changes (all or nothing)."""
+        if not isinstance(state_dict, Mapping):
+            raise TypeError(
+                f"Chain.load_state_dict expects a mapping (from state_dict()), got {type(state_dict).__name__}"
+            )
+        if not state_dict:
+            return self.reset
         expected = {str(i) for i in range(len(self.clippers))}
         if set(state_dict) != expected:
-            raise ValueError(f"Chain state_dict must have keys {sorted(expected)}, got {sorted(state_dict)}")
-        backup = [c.state_dict() for c in self.clippers]
-        try:
-            for i, c in enumerate(self.clippers):
-                c.load_state_dict(state_dict[str(i)])
-        except Exception:
-            for c, b in zip(self.clippers, backup):  # nothing is lost: every child back as it was
-                c.load_state_dict(b)
-            raise
+            raise ValueError(
+                f"Chain state_dict must have keys {sorted(expected)}, got {sorted(state_dict)}; construct the Chain "
+                "with the clippers the checkpoint was saved with"
+            )
+        commits = [
+            c._prepare_load(state_dict[str(i)])
+            if type(c).load_state_dict is DeviceState.load_state_dict
+            else functools.partial(c.load_state_dict, state_dict[str(i)])  # a clipper with its own (not atomic)
+            for i, c in enumerate(self.clippers)
+        ]
+
+        def commit() -> None:
+            for c in commits:
+                c()
+
+        return commit
 
     def reset(self) -> None:
         for c in self.clippers:

@@ -83,7 +83,8 @@ class ValueClip(Clipper):
         peak = norms.total_norm(grads, math.inf, check=False, process_group=self.process_group)
         coef = clip_coefficient(self.clip_value, peak)
         clipped = peak > self.clip_value
-        if not (peak.is_cpu and not bool(clipped)):  # CPU: skip the write pass when nothing exceeds the value
+        # CPU, eager: skip the write pass when nothing exceeds the value (a host read, free there; none when compiled)
+        if torch.compiler.is_compiling() or not peak.is_cpu or bool(clipped):
             clip_grad_value_([i.param for i in params], self.clip_value)
         return ClipStats(norm=total, threshold=_full(self.clip_value, total), coef=coef, clipped=clipped)
 
@@ -143,13 +144,14 @@ class LayerwiseClip(Clipper):
         grads = [i.grad for i in params]
         names = tuple(i.name for i in params)
         per = norms.tensor_norms(grads, self.norm_type, check=False)
+        total = norms.combine_norms(per, self.norm_type, process_group=self.process_group)
         index, n_groups = self._group_index(names, per.device)
         group_coef = clip_coefficient(self.max_norm, norms.group_norms(per, index, n_groups, self.norm_type))
-        coefs = group_coef[index]
+        coefs = torch.where(torch.isfinite(total), group_coef[index], 1.0)  # a non-finite step: nothing scaled
         scale_(grads, coefs)
         coef = coefs.amin()
         return ClipStats(
-            norm=norms.combine_norms(per, self.norm_type, process_group=self.process_group),
+            norm=total,
             threshold=_full(self.max_norm, per),
             coef=coef,
             clipped=coef < 1,

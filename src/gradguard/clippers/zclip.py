@@ -34,12 +34,10 @@ from torch import Tensor
 from gradguard import norms
 from gradguard._checks import check_nonnegative, check_norm_type
 from gradguard.clippers.base import Clipper, ClipStats, ParamInfo
-from gradguard.clippers.state import check_int, check_number, check_state_keys
+from gradguard.clippers.state import StateSpec, check_int, check_number
 from gradguard.scaling import clip_coefficient, scale_
 
 __all__ = ["ZClip"]
-
-_STATE = ("mean", "var", "count", "buffer")
 
 
 class ZClip(Clipper):
@@ -100,20 +98,24 @@ class ZClip(Clipper):
         self.norm_type = check_norm_type(norm_type)
         self.reset()
 
-    def reset(self) -> None:
-        self._state: dict[str, Tensor] = {}
+    _STATE_FIX = "construct ZClip with the warmup_steps the checkpoint was saved with"
 
-    def _ensure(self, device: torch.device) -> dict[str, Tensor]:
-        if not self._state:
-            self._state = {
-                "mean": torch.zeros((), device=device),
-                "var": torch.zeros((), device=device),
-                "count": torch.zeros((), dtype=torch.long, device=device),  # finite warm-up norms seen
-                "buffer": torch.zeros(self.warmup_steps, device=device),
-            }
-        elif self._state["mean"].device != device:
-            self._state = {k: v.to(device) for k, v in self._state.items()}
-        return self._state
+    def _state_spec(self) -> dict[str, StateSpec]:
+        fix = f"this ZClip has warmup_steps={self.warmup_steps}; {self._STATE_FIX}"
+        return {
+            "mean": StateSpec((), torch.float32, low=0.0),
+            "var": StateSpec((), torch.float32, low=0.0),
+            "count": StateSpec((), torch.long, low=0),  # finite warm-up norms seen
+            "buffer": StateSpec((self.warmup_steps,), torch.float32, low=0.0, fix=fix),
+        }
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        count = state["count"]
+        if count.device.type != "meta" and int(count) > self.warmup_steps:
+            raise ValueError(
+                f"ZClip state_dict['count'] is {int(count)}, more than warmup_steps={self.warmup_steps}; "
+                f"{self._STATE_FIX}"
+            )
 
     def _spike_threshold(self, norm: Tensor, mean: Tensor, std: Tensor) -> tuple[Tensor, Tensor]:
         """(is_spike, threshold) after warm-up, following the reference implementation's branches."""
@@ -130,7 +132,7 @@ class ZClip(Clipper):
     def clip(self, params: list[ParamInfo]) -> ClipStats:
         grads = [i.grad for i in params]
         total = norms.total_norm(grads, self.norm_type, check=False, process_group=self.process_group)
-        st = self._ensure(total.device)
+        st = self._state_on(total.device)
         mean, var, count, buffer = st["mean"], st["var"], st["count"], st["buffer"]
         norm = total.float()
         finite = torch.isfinite(norm)
@@ -171,22 +173,7 @@ class ZClip(Clipper):
     @property
     def initialized(self) -> Tensor:
         """0-d bool device tensor: the warm-up is over."""
-        if not self._state:
+        state = self._tensors()
+        if not state:
             return torch.zeros((), dtype=torch.bool)
-        return self._state["count"] >= self.warmup_steps
-
-    def state_dict(self) -> dict[str, Any]:
-        return {k: v.clone() for k, v in self._state.items()}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        if not state_dict:
-            self.reset()
-            return
-        check_state_keys(state_dict, set(_STATE), set(), type(self).__name__)
-        buffer = state_dict["buffer"]
-        if not isinstance(buffer, Tensor) or buffer.shape != (self.warmup_steps,):
-            raise ValueError(
-                f"ZClip state_dict['buffer'] must have shape ({self.warmup_steps},) to match warmup_steps="
-                f"{self.warmup_steps}; construct ZClip with the settings the checkpoint was saved with"
-            )
-        self._state = {k: torch.as_tensor(state_dict[k]).clone() for k in _STATE}
+        return state["count"] >= self.warmup_steps
