@@ -270,7 +270,7 @@ def test_a_run_without_guard_that_went_nan_lists_every_bad_step_in_red(tmp_path)
     with gg.Monitor(run) as monitor:
         w = torch.ones(3, requires_grad=True)
         clip = gg.NormClip(1.0)
-        for i in range(50):
+        for i in range(1, 51):  # Monitor steps are 1-based: step i is the i-th recorded step
             bad = i >= 41
             w.grad = torch.full((3,), math.nan if bad else 0.1 * (i % 7))
             monitor.record(clip([w]), loss=torch.tensor(math.nan if bad else 1.0 / (i + 1)))
@@ -279,8 +279,8 @@ def test_a_run_without_guard_that_went_nan_lists_every_bad_step_in_red(tmp_path)
     assert re.search(r"<td class=bad>41</td>", html)  # the summary
     events = _section(html, "run-noguard")
     assert "No skipped or non-finite step" not in events and "class=ok" not in events
-    assert "<p class=bad>9 skipped or non-finite step(s)" in events
-    for step in range(41, 50):
+    assert "<p class=bad>10 skipped or non-finite step(s)" in events
+    for step in range(41, 51):
         assert f"<p class=bad>step {step} — loss nan, norm nan (not skipped: the update was applied)</p>" in events
 
 
