@@ -850,3 +850,25 @@ def test_warn_policy_points_at_the_callers_line():
     with pytest.warns(RuntimeWarning, match="skipped step 1 \\(nonfinite_loss\\)") as record:
         guard.step(lambda: loss_fn(model, *batch(0)))
     assert record[0].filename == __file__
+
+
+def test_spike_detector_state_is_validated_whole_before_anything_changes():
+    det = gg.SpikeDetector(z=3.0, window=4, min_history=2)
+    for x in (1.0, 2.0, 3.0):
+        det(torch.tensor(x))
+    before = det.state_dict()
+    assert before["count"].item() == 3 and torch.isnan(before["values"]).sum() == 1
+    bad_count = {**before, "count": torch.tensor(7)}  # 4 slots would be full after 7 accepted values
+    bad_window = {"values": torch.zeros(8), "count": torch.tensor(8)}
+    bad_dtype = {**before, "count": torch.tensor(3.0)}
+    for state, err, text in ((bad_count, ValueError, "corrupt"), (bad_window, ValueError, "spike_window"),
+                             (bad_dtype, TypeError, "dtype"), ({"values": before["values"]}, ValueError, "missing")):
+        with pytest.raises(err, match=text):
+            det.load_state_dict(state)
+        after = det.state_dict()
+        assert torch.equal(after["count"], before["count"])
+        assert torch.equal(after["values"].nan_to_num(-1), before["values"].nan_to_num(-1))
+    fresh = gg.SpikeDetector(z=3.0, window=4, min_history=2)
+    fresh.load_state_dict(before)
+    assert bool(fresh(torch.tensor(100.0))) and not bool(det(torch.tensor(2.5)))
+    assert bool(det(torch.tensor(100.0)))  # the loaded copy and the original agree

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from gradguard import norms
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
-from gradguard.clippers.state import check_int, check_number
+from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
 from gradguard.diagnose import (
     Diagnosis,
     _rng_state,
@@ -120,69 +120,65 @@ class StepReport:
         return self.stats.clipped
 
 
-class SpikeDetector:
+class SpikeDetector(DeviceState):
     """Rolling z-score spike detection on the device (OLMo-core's rule: a value more than ``z`` standard deviations
     above the mean of the last ``window`` accepted values is a spike).
 
     .. math:: \\text{spike}_t = n_t \\ge n_{min} \\;\\wedge\\; \\frac{x_t - \\bar x}{s + 10^{-12}} > z
 
     over the last ``window`` finite, non-spike values (:math:`n_t` of them, at least ``min_history``). Spikes and
-    non-finite values never enter the window. No host read.
+    non-finite values never enter the window. No host read. Its state (the window and the count of accepted values)
+    uses the clippers' state mechanism (:class:`~gradguard.clippers.state.DeviceState`): it follows the data's
+    device, and a rejected ``load_state_dict`` changes nothing.
     """
+
+    _STATE_FIX = "construct the Guard with the spike_window the state was saved with"
 
     def __init__(self, z: float = 6.0, window: int = 128, min_history: int | None = None) -> None:
         self.z = check_number(z, "spike_z", low=0.0, low_open=True)
         self.window = check_int(window, "spike_window", low=2)
         history = min_history if min_history is not None else min(window, 32)
         self.min_history = check_int(history, "min_history", low=2)
-        self._values: Tensor | None = None
-        self._count: Tensor | None = None
+        self.reset()
+
+    def _state_spec(self) -> Mapping[str, StateSpec]:
+        # losses may be negative: no lower bound on the values; NaN marks an empty slot
+        return {"values": StateSpec((self.window,), torch.float32, math.nan, nan=True,
+                                    fix=f"{self._STATE_FIX} (this one has spike_window={self.window})"),
+                "count": StateSpec((), torch.long, 0.0, low=0.0)}
+
+    def _check_state(self, state: Mapping[str, Any]) -> None:
+        filled = int((~torch.isnan(state["values"])).sum()) if state["values"].device.type != "meta" else None
+        count = int(state["count"]) if state["count"].device.type != "meta" else None
+        if filled is not None and count is not None and filled != min(count, self.window):
+            raise ValueError(
+                f"SpikeDetector state_dict holds {filled} values but counts {count} accepted ones (expected "
+                f"{min(count, self.window)} values); the checkpoint is corrupt"
+            )
 
     def __call__(self, x: Tensor) -> Tensor:
         """Is ``x`` (0-d) a spike? Updates the window with ``x`` unless it is one (or non-finite)."""
         x = x.detach().float()
-        if self._values is None or self._count is None or self._values.device != x.device:
-            self._values = torch.full((self.window,), math.nan, device=x.device)
-            self._count = torch.zeros((), dtype=torch.long, device=x.device)
-        vals = self._values
+        state = self._state_on(x.device)
+        vals, count = state["values"], state["count"]
         mean = torch.nanmean(vals)
         centred = torch.where(torch.isnan(vals), torch.zeros_like(vals), vals - mean)
         n = (~torch.isnan(vals)).sum()
         std = (centred.square().sum() / (n - 1).clamp(min=1)).sqrt()
         spike = (n >= self.min_history) & ((x - mean) / (std + 1e-12) > self.z)
         accept = torch.isfinite(x) & ~spike
-        slot = (self._count % self.window).reshape(1)
+        slot = (count % self.window).reshape(1)
         vals.index_put_((slot,), torch.where(accept, x, vals.index_select(0, slot)))
-        self._count.add_(accept.long())
+        count.add_(accept.long())
         return spike
 
-    def state_dict(self) -> dict[str, Any]:
-        return {} if self._values is None or self._count is None else {
-            "values": self._values.clone(), "count": self._count.clone()}
-
     def check_state(self, state: Any, where: str = "state") -> None:
-        """Raise a clear error unless ``state`` is a :meth:`state_dict` of a detector with this ``window``."""
-        if not isinstance(state, Mapping):
-            raise TypeError(f"{where} must be a mapping (from SpikeDetector.state_dict()), got {type(state).__name__}")
-        if not state:
-            return
-        if set(state) != {"values", "count"}:
-            raise ValueError(f"{where} must have the keys ['count', 'values'], got {sorted(state)}")
-        values, count = state["values"], state["count"]
-        if not isinstance(values, Tensor) or values.shape != (self.window,) or not values.is_floating_point():
-            shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
-            raise ValueError(
-                f"{where}['values'] must be a float tensor of shape ({self.window},) to match spike_window="
-                f"{self.window}, got {shape}; construct the Guard with the spike_window the state was saved with"
-            )
-        if not isinstance(count, Tensor) or count.dim() != 0 or count.is_floating_point():
-            raise TypeError(f"{where}['count'] must be a 0-d integer tensor, got {count!r}")
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checked first: a bad state changes nothing)."""
-        self.check_state(state)
-        self._values = None if "values" not in state else state["values"].clone()
-        self._count = None if "count" not in state else state["count"].clone()
+        """Raise a clear error unless ``state`` is a :meth:`state_dict` of a detector with this ``window``
+        (nothing changes either way)."""
+        try:
+            self._prepare_load(state)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from None
 
 
 class _StepBackup:
