@@ -76,4 +76,4 @@ def test_report_into_a_missing_directory_is_an_error_and_writes_nothing(tmp_path
     pytest.importorskip("matplotlib")
     (tmp_path / "reports").mkdir()  # an existing directory: the check is not in the way
     assert main(["report", str(run), "-o", str(tmp_path / "reports" / "r.html")]) == EXIT_OK
-    assert (tmp_path / "reports" / "r.html").is_file() and list((tmp_path / "reports").glob("r-*.png"))
+    assert (tmp_path / "reports" / "r.html").is_file() and list((tmp_path / "reports" / "r_files").glob("*.png"))
