@@ -354,6 +354,8 @@ def test_monitor_receives_every_step():
 
 
 # ------------------------------------------------------------------------------------- the locator vs detect_anomaly
+@pytest.mark.filterwarnings("ignore:Anomaly Detection has been enabled:UserWarning")  # the oracle, used on purpose
+@pytest.mark.filterwarnings("ignore:Error detected in:UserWarning")  # anomaly mode reporting what it found
 def test_locator_catches_what_detect_anomaly_misses():
     # 1. a forward NaN whose gradient is finite (the NaN reaches the loss through a detached path)
     lin = nn.Linear(3, 1)

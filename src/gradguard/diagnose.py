@@ -32,13 +32,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+
+from gradguard._compat import (
+    TorchDispatchMode,
+    current_autograd_node,
+    has_composite_implicit_kernel,
+    node_sequence_nr,
+    tree_flatten,
+)
 
 __all__ = ["Diagnosis", "NonFiniteError", "TrainingDivergedError", "explain", "locate_nonfinite", "nonfinite_names"]
-
-STAGES = ("input", "forward", "backward", "step")
-
 
 @dataclass(frozen=True)
 class Diagnosis:
@@ -473,10 +476,8 @@ def _forward_op_of(node_name: str | None) -> str | None:
 def _has_autograd_formula(packet: Any) -> bool:
     """Whether an aten op has its own autograd kernel (so autograd names its node after it)."""
     try:
-        return any(not torch._C._dispatch_has_kernel_for_dispatch_key(getattr(packet, o).name(),
-                                                                       "CompositeImplicitAutograd")
-                   for o in packet.overloads())
-    except (AttributeError, RuntimeError):
+        return any(not has_composite_implicit_kernel(getattr(packet, o).name()) for o in packet.overloads())
+    except AttributeError:
         return False
 
 
@@ -562,13 +563,13 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
         if fn is not None:
             made = self.made_by.get(t)
             if made is not None:
-                self.node_op.setdefault(fn._sequence_nr(), made)
+                self.node_op.setdefault(node_sequence_nr(fn), made)
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        node = torch._C._current_autograd_node() if self.backward else None
+        node = current_autograd_node() if self.backward else None
         node_name = node.name() if node is not None else None
-        seq = node._sequence_nr() if node is not None else None
+        seq = node_sequence_nr(node) if node is not None else None
         if seq is not None:
             module = self.modules.node_module.get(seq)
         else:
@@ -653,7 +654,7 @@ class _NodeOwner(TorchFunctionMode):
         if self.modules.stack:
             for t in tree_flatten(out)[0]:
                 if isinstance(t, Tensor) and t.grad_fn is not None:
-                    self.modules.node_module.setdefault(t.grad_fn._sequence_nr(), self.modules.stack[-1])
+                    self.modules.node_module.setdefault(node_sequence_nr(t.grad_fn), self.modules.stack[-1])
         return out
 
 
@@ -836,7 +837,7 @@ def locate_nonfinite(
             if loss.grad_fn is not None and loss_rec is not None:
                 made = locator.made_by.get(loss)
                 if made is not None:
-                    locator.node_op.setdefault(loss.grad_fn._sequence_nr(), made)
+                    locator.node_op.setdefault(node_sequence_nr(loss.grad_fn), made)
             loss_flag = len(locator.flags)
             locator.flags.append(_flags(loss.detach()) if _is_float(loss) and loss.numel() else
                                  torch.zeros(2, dtype=torch.bool, device=loss.device))

@@ -61,13 +61,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gradguard._compat import already_unscaled
+from gradguard.backup import StepBackup
 from gradguard.clippers.adagc import AdaGC
 from gradguard.clippers.agc import AGC
 from gradguard.clippers.autoclip import AutoClip
 from gradguard.clippers.base import Chain, Clipper, ClipStats, Parameters, resolve_parameters
 from gradguard.clippers.norm import LayerwiseClip, NormClip, ValueClip
 from gradguard.clippers.zclip import ZClip
-from gradguard.guard import _StepBackup
 from gradguard.scaling import deferred_scale, scale_
 
 __all__ = ["fused_clip_step", "supports_fused_step"]
@@ -78,7 +79,7 @@ _GLOBAL = (NormClip, AutoClip, ZClip)
 # clippers that write per tensor / per unit (never a deferrable 0-d scale_)
 _PER_TENSOR = (AGC, LayerwiseClip, AdaGC, ValueClip)
 
-_backups: weakref.WeakKeyDictionary[torch.optim.Optimizer, _StepBackup] = weakref.WeakKeyDictionary()
+_backups: weakref.WeakKeyDictionary[torch.optim.Optimizer, StepBackup] = weakref.WeakKeyDictionary()
 
 
 def supports_fused_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -224,11 +225,8 @@ def fused_clip_step(
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
     """``scaler.unscale_(optimizer)`` unless the caller already did it this step (as the Guard does)."""
-    states = getattr(scaler, "_per_optimizer_states", None)
-    stage = states[id(optimizer)].get("stage") if states is not None else None
-    if stage is not None and getattr(stage, "name", "") == "UNSCALED":
-        return
-    scaler.unscale_(optimizer)
+    if not already_unscaled(scaler, optimizer):
+        scaler.unscale_(optimizer)
 
 
 def _first_step(optimizer: torch.optim.Optimizer) -> bool:
@@ -271,7 +269,7 @@ def _masked_step(optimizer: torch.optim.Optimizer, params: list[Tensor], finite:
     absent = [p for p in params if not optimizer.state.get(p)]
     backup = _backups.get(optimizer)
     if backup is None:
-        backup = _backups[optimizer] = _StepBackup()
+        backup = _backups[optimizer] = StepBackup()
     backup.capture(params, optimizer)
     optimizer.step()
     _masked_restore(backup, optimizer, finite)
@@ -281,7 +279,7 @@ def _masked_step(optimizer: torch.optim.Optimizer, params: list[Tensor], finite:
             del optimizer.state[p]
 
 
-def _masked_restore(backup: _StepBackup, optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
+def _masked_restore(backup: StepBackup, optimizer: torch.optim.Optimizer, finite: Tensor) -> None:
     ok: dict[torch.device, Tensor] = {}
 
     def select(new: Tensor, old: Tensor) -> Tensor:

@@ -49,6 +49,8 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_monitor
+from gradguard._compat import already_unscaled
+from gradguard.backup import BufferBackup, StepBackup, copy_state
 from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
 from gradguard.diagnose import (
@@ -60,7 +62,7 @@ from gradguard.diagnose import (
     nonfinite_names,
 )
 from gradguard.distributed import all_reduce_max_
-from gradguard.policy import POLICIES, Reason, SkipPolicy, check_process_group, learning_rate
+from gradguard.policy import POLICIES, PolicyCounters, Reason, SkipPolicy, check_process_group, learning_rate
 
 __all__ = ["POLICIES", "Guard", "SpikeDetector", "StepReport"]
 
@@ -181,111 +183,7 @@ class SpikeDetector(DeviceState):
             raise type(e)(f"{where}: {e}") from None
 
 
-class _StepBackup:
-    """Device copies of the parameters and the optimizer state, taken just before a checked ``optimizer.step()``.
-
-    The copy buffers are allocated once and refilled with one foreach copy per step; only when the optimizer's
-    state changes shape (its first step, a new parameter group) is the layout rebuilt.
-    """
-
-    def __init__(self) -> None:
-        self.sources: list[Tensor] = []  # parameters, then optimizer-state tensors
-        self.copies: list[Tensor] = []
-        self.params: list[Tensor] = []
-        self.layout: list[tuple[Tensor, tuple[str, ...]]] = []  # per parameter: its state's tensor keys
-        self.extras: dict[int, dict[str, Any] | None] = {}  # non-tensor state values (and absent states)
-
-    @torch.no_grad()
-    def capture(self, params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
-        layout: list[tuple[Tensor, tuple[str, ...]]] = []
-        sources = list(params)
-        extras: dict[int, dict[str, Any] | None] = {}
-        for p in params:
-            st = optimizer.state.get(p)
-            if not st:
-                extras[id(p)] = None
-                layout.append((p, ()))
-                continue
-            keys = tuple(k for k, v in st.items() if isinstance(v, Tensor))
-            sources += [st[k] for k in keys]
-            extras[id(p)] = {k: copy.deepcopy(v) for k, v in st.items() if not isinstance(v, Tensor)}
-            layout.append((p, keys))
-        if len(self.copies) != len(sources) or any(
-            c.shape != s.shape or c.dtype != s.dtype or c.device != s.device for c, s in zip(self.copies, sources)
-        ):
-            self.copies = [torch.empty_like(s) for s in sources]
-        if sources:
-            torch._foreach_copy_(self.copies, sources)
-        self.sources, self.params, self.layout, self.extras = sources, params, layout, extras
-
-    @torch.no_grad()
-    def restore(self, optimizer: torch.optim.Optimizer) -> None:
-        if self.sources:
-            torch._foreach_copy_(self.sources, self.copies)  # parameters and state tensors, in place
-        i = len(self.params)
-        for p, keys in self.layout:
-            extra = self.extras.get(id(p))
-            if extra is None:  # the optimizer had no state for p before this step
-                optimizer.state.pop(p, None)
-                continue
-            st = optimizer.state[p]
-            for k in keys:  # an optimizer that replaced a state tensor (rather than updating it) gets it back
-                if st.get(k) is not self.sources[i]:
-                    st[k] = self.copies[i].clone()
-                i += 1
-            st.update(copy.deepcopy(extra))
-            for k in [k for k in st if k not in keys and k not in extra]:
-                del st[k]
-
-
-class _BufferBackup:
-    """A copy of every buffer of the model (BatchNorm running statistics, ``num_batches_tracked``, any registered
-    buffer), refilled in place each step, so a step that is not applied leaves them exactly as they were."""
-
-    def __init__(self) -> None:
-        self.owners: list[tuple[nn.Module, str]] = []
-        self.sources: list[Tensor] = []
-        self.copies: list[Tensor] = []
-
-    @torch.no_grad()
-    def capture(self, model: nn.Module) -> None:
-        owners: list[tuple[nn.Module, str]] = []
-        sources: list[Tensor] = []
-        for mod in model.modules():
-            for name, buf in mod.named_buffers(recurse=False):
-                if buf is not None:
-                    owners.append((mod, name))
-                    sources.append(buf)
-        if len(self.copies) != len(sources) or any(
-            c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self.copies, sources)
-        ):
-            self.copies = [torch.empty_like(b) for b in sources]
-        if sources:
-            torch._foreach_copy_(self.copies, sources)
-        self.owners, self.sources = owners, sources
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for (mod, name), src, saved in zip(self.owners, self.sources, self.copies):
-            current = getattr(mod, name, None)
-            if current is src:
-                src.copy_(saved)
-            else:  # the forward pass replaced the buffer object: put a copy of the saved value back
-                setattr(mod, name, saved.clone())
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A deep copy of a (nested) state_dict with every tensor cloned to CPU memory."""
-    if isinstance(obj, Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-class Guard:
+class Guard(PolicyCounters):
     """A guarded training step: clip, check, and never let a non-finite value into the weights.
 
     Args:
@@ -400,8 +298,8 @@ class Guard:
         self._norm_spikes = norm_spikes
         self.diagnosis: Diagnosis | None = None
         self._pending_loss: list[Tensor] = []
-        self._backup = _StepBackup()
-        self._buffers = _BufferBackup()
+        self._backup = StepBackup()
+        self._buffers = BufferBackup()
         self._buffers.capture(model)
         self._snapshot: dict[str, Any] | None = None
         self._snapshot_due = False  # set by load_state_dict: refresh the snapshot before the next step
@@ -409,16 +307,6 @@ class Guard:
             self.snapshot()
 
     # ----------------------------------------------------------------------------- the policy's settings, counters
-    @property
-    def on_nonfinite(self) -> str:
-        """The policy: ``"skip"``, ``"rollback"``, ``"raise"`` or ``"warn"``."""
-        return self.policy.on_nonfinite
-
-    @property
-    def max_consecutive_skips(self) -> int | None:
-        """More bad steps in a row than this raise :class:`TrainingDivergedError` (``None``: no limit)."""
-        return self.policy.max_consecutive_skips
-
     @property
     def step_count(self) -> int:
         """Steps attempted: the last step's number (steps are 1-based)."""
@@ -428,16 +316,6 @@ class Guard:
     def good_steps(self) -> int:
         """Steps applied."""
         return self.policy.good_steps
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps not applied (skipped, undone or rolled back)."""
-        return self.policy.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        """Bad steps in a row, up to the last one."""
-        return self.policy.consecutive_skips
 
     # ---------------------------------------------------------------------------------------------- public API
     def backward(self, loss: Tensor) -> None:
@@ -496,17 +374,17 @@ class Guard:
     def snapshot(self) -> None:
         """Take a snapshot now (model, optimizer, scaler, scheduler, EMA, clipper) for ``"rollback"``."""
         snap: dict[str, Any] = {
-            "model": _to_cpu(self.model.state_dict()),
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "model": copy_state(self.model.state_dict(), self.snapshot_device),
+            "optimizer": copy_state(self.optimizer.state_dict(), self.snapshot_device),
         }
         if self.scaler is not None:
             snap["scaler"] = copy.deepcopy(self.scaler.state_dict())
         if self.scheduler is not None and hasattr(self.scheduler, "state_dict"):
             snap["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
         if isinstance(self.ema, nn.Module):
-            snap["ema"] = _to_cpu(self.ema.state_dict())
+            snap["ema"] = copy_state(self.ema.state_dict(), self.snapshot_device)
         if self.clipper is not None:
-            snap["clipper"] = _to_cpu(self.clipper.state_dict())
+            snap["clipper"] = copy_state(self.clipper.state_dict(), self.snapshot_device)
         snap["step"] = self.good_steps
         self._snapshot = snap
         self._snapshot_due = False
@@ -632,11 +510,8 @@ class Guard:
     def _unscale(self) -> None:
         """``scaler.unscale_(optimizer)`` exactly once per step (skipped if the caller already did it)."""
         assert self.scaler is not None
-        states = getattr(self.scaler, "_per_optimizer_states", None)
-        stage = states[id(self.optimizer)].get("stage") if states is not None else None
-        if stage is not None and getattr(stage, "name", "") == "UNSCALED":
-            return
-        self.scaler.unscale_(self.optimizer)
+        if not already_unscaled(self.scaler, self.optimizer):
+            self.scaler.unscale_(self.optimizer)
 
     def _step(
         self, loss: Tensor, closure: Callable[[], Tensor] | None, rng: Any, own_backward: bool

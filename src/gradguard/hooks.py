@@ -33,7 +33,7 @@ from gradguard import distributed, norms
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
 from gradguard.diagnose import Diagnosis, explain, nonfinite_names
-from gradguard.policy import Reason, SkipPolicy, check_process_group, learning_rate
+from gradguard.policy import PolicyCounters, Reason, SkipPolicy, check_process_group, learning_rate
 
 __all__ = ["AttachHandle", "StepGate", "attach", "skip_step_"]
 
@@ -54,7 +54,7 @@ def skip_step_(params: Iterable[Tensor]) -> None:
         p.grad = None
 
 
-class StepGate:
+class StepGate(PolicyCounters):
     """Clip, agree across ranks on whether the gradients are finite, and skip the step if not.
 
     Shared by :func:`attach` and the Lightning / Hugging Face callbacks, so they behave alike; what happens on a
@@ -105,41 +105,11 @@ class StepGate:
         self.last_stats: ClipStats | None = None
         self.last_diagnosis: Diagnosis | None = None  # the last skipped step's
 
-    # the policy's settings and counters, readable here as before
-    @property
-    def on_nonfinite(self) -> str:
-        """The policy name."""
-        return self.policy.on_nonfinite
-
-    @property
-    def max_consecutive_skips(self) -> int | None:
-        """The consecutive-skip limit."""
-        return self.policy.max_consecutive_skips
-
+    # the policy's settings and counters (on_nonfinite, skipped_steps, ... from PolicyCounters), and:
     @property
     def steps(self) -> int:
         """Steps attempted (the last step's 1-based number)."""
         return self.policy.steps
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped."""
-        return self.policy.skipped_steps
-
-    @property
-    def consecutive_skips(self) -> int:
-        """Bad steps in a row, up to the last one."""
-        return self.policy.consecutive_skips
-
-    @property
-    def last_skipped(self) -> bool:
-        """Whether the last step was skipped."""
-        return self.policy.last_skipped
-
-    @property
-    def last_reason(self) -> Reason | None:
-        """Why the last step was skipped (``None``: it was not)."""
-        return self.policy.last_reason
 
     def __call__(self, parameters: Parameters, step_params: Iterable[Tensor]) -> ClipStats:
         """Run on ``parameters`` (clip and check); on a non-finite step skip it for ``step_params``."""

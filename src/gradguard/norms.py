@@ -49,6 +49,7 @@ from torch import Tensor
 
 from gradguard import distributed
 from gradguard._checks import COMPLEX_DTYPES, FLOAT_DTYPES, check_gradient, check_norm_type
+from gradguard._compat import device_has_foreach_support
 
 __all__ = [
     "accumulation_dtype",
@@ -236,9 +237,7 @@ def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
 # ----------------------------------------------------------------------------------------- accelerator kernels
 def use_foreach(device: torch.device, foreach: bool | None) -> bool:
     """Whether to use the foreach kernels on ``device``; ``foreach=True`` on a device without them raises."""
-    from torch.utils._foreach_utils import _device_has_foreach_support
-
-    supported = _device_has_foreach_support(device)
+    supported = device_has_foreach_support(device)
     if foreach and not supported:
         raise RuntimeError(f"foreach=True was passed, but can't use the foreach API on {device.type} tensors")
     return supported and foreach is not False

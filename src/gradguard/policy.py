@@ -31,7 +31,7 @@ from torch import Tensor
 from gradguard.clippers.state import check_int
 from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError
 
-__all__ = ["POLICIES", "Reason", "SkipPolicy", "check_process_group", "learning_rate"]
+__all__ = ["POLICIES", "PolicyCounters", "Reason", "SkipPolicy", "check_process_group", "learning_rate"]
 
 POLICIES = ("skip", "rollback", "raise", "warn")
 
@@ -255,3 +255,39 @@ class SkipPolicy:
         self._since_summary = {}
         self._summary_start = self.steps + 1
 
+
+class PolicyCounters:
+    """Read-only views of an owner's :class:`SkipPolicy` (``self.policy``): its settings and counters, so the Guard,
+    the step gate and the callbacks expose them under the same names."""
+
+    policy: SkipPolicy
+
+    @property
+    def on_nonfinite(self) -> str:
+        """The policy: ``"skip"``, ``"rollback"``, ``"raise"`` or ``"warn"``."""
+        return self.policy.on_nonfinite
+
+    @property
+    def max_consecutive_skips(self) -> int | None:
+        """More bad steps in a row than this raise :class:`~gradguard.TrainingDivergedError` (``None``: no limit)."""
+        return self.policy.max_consecutive_skips
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied (skipped, undone or rolled back)."""
+        return self.policy.skipped_steps
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Bad steps in a row, up to the last one."""
+        return self.policy.consecutive_skips
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was not applied."""
+        return self.policy.last_skipped
+
+    @property
+    def last_reason(self) -> Reason | None:
+        """Why the last step was not applied (``None``: it was applied)."""
+        return self.policy.last_reason

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_nonnegative, check_norm_type
+from gradguard._compat import CONV_TRANSPOSE
 from gradguard.clippers.base import Clipper, ClipStats, ParamInfo, name_filter
 from gradguard.distributed import is_dtensor
 from gradguard.scaling import scale_, scale_units_
@@ -39,8 +40,8 @@ def unit_layout(param: Tensor, module: nn.Module | None) -> tuple[tuple[int, ...
     if param.dim() <= 1:
         return None
     is_weight = module is not None and getattr(module, "weight", None) is param
-    if is_weight and isinstance(module, nn.modules.conv._ConvTransposeNd):
-        g = module.groups
+    if is_weight and isinstance(module, CONV_TRANSPOSE):
+        g = int(module.groups)  # type: ignore[arg-type]  # ConvTranspose*d.groups is an int
         return (g, param.shape[0] // g, param.shape[1], -1), (1, 3)
     return (param.shape[0], -1), (1,)
 

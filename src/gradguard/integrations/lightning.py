@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
+from gradguard.backup import BufferBackup
 from gradguard.clippers.base import Clipper
-from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
 from gradguard.integrations._common import GateCallback, clip_target, first, scalar_stats
@@ -112,7 +112,7 @@ class GradGuardCallback(GateCallback, _Base):
         self.log = bool(log)
         self.prefix = prefix
         self._stepped = False
-        self._buffers = _BufferBackup()
+        self._buffers = BufferBackup()
         self._window_open = True  # the next batch starts an optimizer step: copy the buffers before its forward
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:

@@ -43,8 +43,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from gradguard._checks import check_monitor
+from gradguard.backup import BufferBackup
 from gradguard.clippers.base import Clipper, ClipStats
-from gradguard.guard import _BufferBackup
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
 from gradguard.integrations._common import GateCallback, clip_target
@@ -100,7 +100,7 @@ class GradGuardCallback(GateCallback, _Base):
         self.prefix = prefix
         self._armed = False  # between on_step_begin and on_pre_optimizer_step
         self._decided: ClipStats | None = None  # this step's decision, once taken
-        self._buffers = _BufferBackup()
+        self._buffers = BufferBackup()
         self._captured = False
         self._reset_window()
 

@@ -1,0 +1,98 @@
+"""The one seam between gradguard and torch internals.
+
+Every torch name that is private (a leading underscore, or a module under ``torch._*`` / ``torch.utils._*``) and every
+private attribute gradguard reads lives here, each with a fallback or a clear error naming the torch version, so a
+torch upgrade that moves one of them breaks this file and nothing else. Public torch API is used wherever it exists
+(``torch.amp.grad_scaler.OptState`` rather than comparing stage names, ``nn.ConvTranspose1d/2d/3d`` rather than
+``_ConvTransposeNd``).
+
+``torch._foreach_*`` kernels are the one exception: they are torch's own fused-list API, used by
+``torch.nn.utils.clip_grad_norm_`` and the optimizers themselves, and called directly. ``tests/test_compat.py`` checks
+each entry point here on the installed torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CONV_TRANSPOSE",
+    "TorchDispatchMode",
+    "already_unscaled",
+    "current_autograd_node",
+    "device_has_foreach_support",
+    "has_composite_implicit_kernel",
+    "node_sequence_nr",
+    "tree_flatten",
+]
+
+# --------------------------------------------------------------------------------------------- dispatch, pytree
+try:  # torch >= 2.0: the base class of every dispatch mode; no public alias exists yet
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+except ImportError as e:  # pragma: no cover - only on a torch that moved them
+    raise ImportError(
+        f"gradguard needs torch.utils._python_dispatch.TorchDispatchMode and torch.utils._pytree.tree_flatten, which "
+        f"torch {torch.__version__} does not have; install a torch in gradguard's supported range (>= 2.4)"
+    ) from e
+
+# ---------------------------------------------------------------------------------------------------- modules
+CONV_TRANSPOSE: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+"""The transposed convolutions: their weights are ``(in, out / groups, *kernel)``, output units on dim 1 per group."""
+
+
+# ---------------------------------------------------------------------------------------------------- foreach
+def device_has_foreach_support(device: torch.device) -> bool:
+    """Whether torch's ``_foreach_*`` kernels run on ``device`` (as ``torch.nn.utils.clip_grad_norm_`` decides)."""
+    try:
+        from torch.utils._foreach_utils import _device_has_foreach_support
+    except ImportError:  # pragma: no cover - fallback for a torch that moved it: CUDA and its look-alikes
+        return device.type in ("cuda", "xpu", "mtia", "hpu")
+    return bool(_device_has_foreach_support(device))
+
+
+# ---------------------------------------------------------------------------------------------------- autograd
+def current_autograd_node() -> Any | None:
+    """The autograd node whose backward is running now (``None`` outside backward or on a torch without it)."""
+    get = getattr(torch._C, "_current_autograd_node", None)
+    return get() if get is not None else None
+
+
+def node_sequence_nr(node: Any) -> int:
+    """A key that names an autograd node in forward (``t.grad_fn``) and in backward (the running node) alike: its
+    sequence number, or, on a torch whose nodes do not expose one, the node object's identity (the graph keeps the
+    node alive while both are looked up)."""
+    seq = getattr(node, "_sequence_nr", None)
+    return int(seq()) if seq is not None else id(node)
+
+
+def has_composite_implicit_kernel(op_name: str) -> bool:
+    """Whether the aten op ``op_name`` (``"aten::softmax.int"``) is a composite (decomposed before autograd, so its
+    autograd node is named after the ops it decomposes into). ``False`` when torch cannot say."""
+    check = getattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", None)
+    if check is None:
+        return False
+    try:
+        return bool(check(op_name, "CompositeImplicitAutograd"))
+    except RuntimeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------------- GradScaler
+def already_unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.unscale_(optimizer)`` was already called in this step (calling it twice raises).
+
+    GradScaler keeps the stage per optimizer in a private dict; the stage values are the public
+    ``torch.amp.grad_scaler.OptState``. A scaler without that dict (another implementation) reads as not unscaled.
+    """
+    from torch.amp.grad_scaler import OptState
+
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if not isinstance(states, dict) or id(optimizer) not in states:
+        return False
+    state = states[id(optimizer)]
+    return isinstance(state, dict) and state.get("stage") is OptState.UNSCALED
+

@@ -1,0 +1,123 @@
+"""Undo buffers for a guarded step: what the Guard (and the fused step's fallback) copy before a step so that a step
+that is not applied leaves the model and optimizer exactly as they were.
+
+* :class:`StepBackup` — device copies of the parameters and the optimizer state, refilled in place with one foreach
+  copy per checked step (memory: the parameter bytes plus the optimizer-state bytes).
+* :class:`BufferBackup` — a copy of every registered buffer (BatchNorm running statistics, ``num_batches_tracked``),
+  taken before the forward pass (memory: the buffer bytes, usually a tiny fraction of the parameters).
+* :func:`copy_state` — a detached deep copy of a nested ``state_dict`` on a chosen device (rollback snapshots).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BufferBackup", "StepBackup", "copy_state"]
+
+
+class StepBackup:
+    """Device copies of the parameters and the optimizer state, taken just before a checked ``optimizer.step()``.
+
+    The copy buffers are allocated once and refilled with one foreach copy per step; only when the optimizer's
+    state changes shape (its first step, a new parameter group) is the layout rebuilt.
+    """
+
+    def __init__(self) -> None:
+        self.sources: list[Tensor] = []  # parameters, then optimizer-state tensors
+        self.copies: list[Tensor] = []
+        self.params: list[Tensor] = []
+        self.layout: list[tuple[Tensor, tuple[str, ...]]] = []  # per parameter: its state's tensor keys
+        self.extras: dict[int, dict[str, Any] | None] = {}  # non-tensor state values (and absent states)
+
+    @torch.no_grad()
+    def capture(self, params: list[Tensor], optimizer: torch.optim.Optimizer) -> None:
+        layout: list[tuple[Tensor, tuple[str, ...]]] = []
+        sources = list(params)
+        extras: dict[int, dict[str, Any] | None] = {}
+        for p in params:
+            st = optimizer.state.get(p)
+            if not st:
+                extras[id(p)] = None
+                layout.append((p, ()))
+                continue
+            keys = tuple(k for k, v in st.items() if isinstance(v, Tensor))
+            sources += [st[k] for k in keys]
+            extras[id(p)] = {k: copy.deepcopy(v) for k, v in st.items() if not isinstance(v, Tensor)}
+            layout.append((p, keys))
+        if len(self.copies) != len(sources) or any(
+            c.shape != s.shape or c.dtype != s.dtype or c.device != s.device for c, s in zip(self.copies, sources)
+        ):
+            self.copies = [torch.empty_like(s) for s in sources]
+        if sources:
+            torch._foreach_copy_(self.copies, sources)
+        self.sources, self.params, self.layout, self.extras = sources, params, layout, extras
+
+    @torch.no_grad()
+    def restore(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.sources:
+            torch._foreach_copy_(self.sources, self.copies)  # parameters and state tensors, in place
+        i = len(self.params)
+        for p, keys in self.layout:
+            extra = self.extras.get(id(p))
+            if extra is None:  # the optimizer had no state for p before this step
+                optimizer.state.pop(p, None)
+                continue
+            st = optimizer.state[p]
+            for k in keys:  # an optimizer that replaced a state tensor (rather than updating it) gets it back
+                if st.get(k) is not self.sources[i]:
+                    st[k] = self.copies[i].clone()
+                i += 1
+            st.update(copy.deepcopy(extra))
+            for k in [k for k in st if k not in keys and k not in extra]:
+                del st[k]
+
+
+class BufferBackup:
+    """A copy of every buffer of the model (BatchNorm running statistics, ``num_batches_tracked``, any registered
+    buffer), refilled in place each step, so a step that is not applied leaves them exactly as they were."""
+
+    def __init__(self) -> None:
+        self.owners: list[tuple[nn.Module, str]] = []
+        self.sources: list[Tensor] = []
+        self.copies: list[Tensor] = []
+
+    @torch.no_grad()
+    def capture(self, model: nn.Module) -> None:
+        owners: list[tuple[nn.Module, str]] = []
+        sources: list[Tensor] = []
+        for mod in model.modules():
+            for name, buf in mod.named_buffers(recurse=False):
+                if buf is not None:
+                    owners.append((mod, name))
+                    sources.append(buf)
+        if len(self.copies) != len(sources) or any(
+            c.shape != b.shape or c.dtype != b.dtype or c.device != b.device for c, b in zip(self.copies, sources)
+        ):
+            self.copies = [torch.empty_like(b) for b in sources]
+        if sources:
+            torch._foreach_copy_(self.copies, sources)
+        self.owners, self.sources = owners, sources
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (mod, name), src, saved in zip(self.owners, self.sources, self.copies):
+            current = getattr(mod, name, None)
+            if current is src:
+                src.copy_(saved)
+            else:  # the forward pass replaced the buffer object: put a copy of the saved value back
+                setattr(mod, name, saved.clone())
+
+
+def copy_state(obj: Any, device: torch.device) -> Any:
+    """A deep copy of a (nested) state_dict with every tensor cloned to ``device`` (a rollback snapshot)."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: copy_state(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_state(v, device) for v in obj)
+    return copy.deepcopy(obj)

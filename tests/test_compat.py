@@ -1,0 +1,83 @@
+"""The torch seam (gradguard._compat): each entry point works on the installed torch, and no other module reaches
+into torch internals."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from gradguard import _compat
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
+
+
+def test_no_module_but_compat_touches_torch_internals():
+    private = re.compile(r"torch\._C\b|torch\.utils\._|torch\._(?!foreach_)[a-z]\w*|\._sequence_nr|_per_optimizer_states"
+                         r"|_ConvTransposeNd|_device_has_foreach_support")
+    offenders = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "_compat.py":
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if (private.search(code) and "torch._foreach_" not in code) or re.search(r"torch\._C\b", code):
+                offenders.append(f"{path.relative_to(SRC)}:{n}: {line.strip()}")
+    assert offenders == []
+
+
+def test_no_cross_module_import_of_a_private_name():
+    pattern = re.compile(r"^\s*from gradguard[\w.]* import .*\b_[a-z]\w*", re.M)
+    offenders = [f"{p.relative_to(SRC)}: {m.group(0).strip()}" for p in SRC.rglob("*.py")
+                 for m in pattern.finditer(p.read_text())]
+    assert offenders == []
+
+
+def test_autograd_node_keys_match_between_forward_and_backward():
+    x = torch.ones(3, requires_grad=True)
+    y = (x * 2).sum()
+    forward_key = _compat.node_sequence_nr(y.grad_fn)
+    seen = []
+
+    def hook(*_):
+        seen.append(_compat.node_sequence_nr(_compat.current_autograd_node()))
+
+    y.grad_fn.register_prehook(hook)
+    y.backward()
+    assert seen == [forward_key]
+    assert _compat.current_autograd_node() is None  # outside backward
+
+
+def test_composite_kernel_lookup():
+    assert _compat.has_composite_implicit_kernel("aten::linear")  # decomposed before autograd
+    assert not _compat.has_composite_implicit_kernel("aten::mm")  # its own autograd formula
+    assert not _compat.has_composite_implicit_kernel("aten::no_such_op")
+
+
+def test_foreach_support_and_conv_transpose():
+    from torch.utils._foreach_utils import _device_has_foreach_support  # the oracle: what torch's clipping asks
+
+    for dev in ("cpu", "meta"):
+        assert _compat.device_has_foreach_support(torch.device(dev)) is bool(_device_has_foreach_support(torch.device(dev)))
+    assert isinstance(nn.ConvTranspose2d(2, 3, 3), _compat.CONV_TRANSPOSE)
+    assert not isinstance(nn.Conv2d(2, 3, 3), _compat.CONV_TRANSPOSE)
+
+
+def test_already_unscaled_follows_the_scaler_stage():
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    assert not _compat.already_unscaled(scaler, opt)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    assert not _compat.already_unscaled(scaler, opt)
+    scaler.unscale_(opt)
+    assert _compat.already_unscaled(scaler, opt)
+    with pytest.raises(RuntimeError, match="unscale_"):  # why it matters: a second call raises
+        scaler.unscale_(opt)
+    scaler.step(opt)
+    scaler.update()
+    assert not _compat.already_unscaled(scaler, opt)
+    assert not _compat.already_unscaled(object(), opt)  # another scaler implementation
