@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import gradguard as gg
+from gradguard.guard import SpikeDetector
 from gradguard.policy import Reason, SkipPolicy
 
 
@@ -855,7 +856,7 @@ def test_warn_policy_points_at_the_callers_line():
 
 
 def test_spike_detector_state_is_validated_whole_before_anything_changes():
-    det = gg.SpikeDetector(z=3.0, window=4, min_history=2)
+    det = SpikeDetector(z=3.0, window=4, min_history=2)
     for x in (1.0, 2.0, 3.0):
         det(torch.tensor(x))
     before = det.state_dict()
@@ -870,7 +871,7 @@ def test_spike_detector_state_is_validated_whole_before_anything_changes():
         after = det.state_dict()
         assert torch.equal(after["count"], before["count"])
         assert torch.equal(after["values"].nan_to_num(-1), before["values"].nan_to_num(-1))
-    fresh = gg.SpikeDetector(z=3.0, window=4, min_history=2)
+    fresh = SpikeDetector(z=3.0, window=4, min_history=2)
     fresh.load_state_dict(before)
     assert bool(fresh(torch.tensor(100.0))) and not bool(det(torch.tensor(2.5)))
     assert bool(det(torch.tensor(100.0)))  # the loaded copy and the original agree

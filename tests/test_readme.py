@@ -90,3 +90,16 @@ def test_readme_test_command_is_the_one_ci_runs():
 
 def test_quick_start_shows_the_lines_the_demo_prints():
     assert f"```python\n{YOUR_LOOP}\n```" in _section("Quick start")
+
+
+def test_every_exported_name_is_documented_and_every_documented_name_exists():
+    import gradguard as gg
+
+    readme = (ROOT / "README.md").read_text()
+    exported = set(gg.__all__) - {"__version__"}
+    undocumented = sorted(n for n in exported if f"gg.{n}" not in readme)
+    assert undocumented == [], f"exported but not in the README's API tables: {undocumented}"
+    mentioned = set(re.findall(r"`gg\.([A-Za-z_]\w*)", readme))
+    missing = sorted(n for n in mentioned if not hasattr(gg, n))
+    assert missing == [], f"the README names gg.{missing} but gradguard does not export them"
+    assert all(hasattr(gg, n) for n in gg.__all__)

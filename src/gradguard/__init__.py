@@ -26,10 +26,12 @@ from gradguard.functional import (
     get_total_norm,
     grad_norms,
 )
-from gradguard.guard import Guard, SpikeDetector, StepReport
+from gradguard.fused import fused_clip_step
+from gradguard.guard import Guard, StepReport
 from gradguard.health import HealthFlag, LayerHealth
 from gradguard.hooks import attach
 from gradguard.monitor import Monitor, Sink
+from gradguard.policy import Reason
 
 __version__ = "0.1.0"
 
@@ -49,8 +51,8 @@ __all__ = [
     "NonFiniteError",
     "NormClip",
     "ParamInfo",
+    "Reason",
     "Sink",
-    "SpikeDetector",
     "StepReport",
     "Suggestion",
     "TrainingDivergedError",
@@ -61,6 +63,7 @@ __all__ = [
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
+    "fused_clip_step",
     "get_total_norm",
     "grad_norms",
     "locate_nonfinite",
