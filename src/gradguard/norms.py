@@ -94,13 +94,50 @@ def combine_norms(norms: Tensor, norm_type: float, *, process_group: dist.Proces
     """
     if norms.numel() == 0:
         total = norms.new_zeros(())
-    elif math.isinf(norm_type):
+    elif norm_type == math.inf:
         total = norms.amax()  # amax propagates NaN
-    else:
+    elif norm_type == -math.inf:
+        total = norms.amin()  # amin propagates NaN
+    elif norm_type <= 0:  # 0: the count of non-zero norms; < 0: entries of inf (empty tensors) add nothing
         total = torch.linalg.vector_norm(norms, norm_type)
+    else:
+        total = _scaled_pnorm(norms, norm_type)
     if process_group is not None:
+        _check_reducible(norm_type)
         distributed.all_reduce_norms_(total, norm_type, process_group)
     return total
+
+
+def _scaled_pnorm(v: Tensor, p: float) -> Tensor:
+    """``‖v‖_p`` for finite ``p > 0`` computed as ``m ‖v / m‖_p`` with ``m = max v``, so it never overflows while the
+    true norm is finite (``[3e19, 3e19]`` gives ``4.2e19``, not ``inf``). Device ops only: no host read."""
+    m = v.amax()
+    s = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))  # inf / NaN / 0: the plain norm is right
+    return torch.linalg.vector_norm(v / s, p) * s
+
+
+def _check_reducible(p: float) -> None:
+    if p == 0 or p == -math.inf:
+        raise ValueError(
+            f"norm_type={p} cannot be reduced across ranks (DTensor or process_group): it is not a sum of powers "
+            "nor a max; use a norm_type > 0, a finite negative one, or inf"
+        )
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing: then every path is the device path (no host reads, no Python branches on
+    values), so the trace has no graph break."""
+    return bool(torch.compiler.is_compiling())
+
+
+def _exotic(p: float) -> bool:
+    """Orders ``p <= 0`` and ``-inf``: no partials to merge, per-tensor norms by torch's kernel, then combined."""
+    return p <= 0
+
+
+def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """The norm of an empty tensor: 0 for ``p >= 0`` and inf, inf (the identity of the combination) for ``p < 0``."""
+    return torch.full((), math.inf if p < 0 else 0.0, dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------------------------------- CPU kernels
@@ -213,7 +250,7 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
             start = end
     if not parts:
         return torch.zeros((), dtype=acc)
-    return _finish(_merge(parts, p), p)
+    return _cpu_rescue_total(_finish(_merge(parts, p), p), tensors, p, scratch)
 
 
 def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> list[Tensor]:
@@ -230,6 +267,8 @@ def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if small:
         for i, norm in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=acc)):
             out[i] = norm
+    if not math.isinf(p) and not bool(torch.isfinite(torch.stack(out)).all()):  # a CPU read: free
+        out = [n if math.isfinite(n.item()) else _rescaled_norm(t, p, scratch) for n, t in zip(out, tensors)]
     return out
 
 
@@ -254,15 +293,42 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
         if use_foreach(ts[0].device, foreach):
             norms = list(torch._foreach_norm(ts, p, dtype=acc))
         else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+            norms = [torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc or t.is_complex() else acc) for t in ts]
         for i, norm in zip(nonempty, norms):
             out[i] = norm
-    zero = None
+    empty = None
     for i, n in enumerate(out):
         if n is None:
-            zero = zero if zero is not None else torch.zeros((), dtype=acc, device=tensors[i].device)
-            out[i] = zero
+            empty = empty if empty is not None else _empty_norm(p, acc, tensors[i].device)
+            out[i] = empty
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- overflow fallback
+# The fast kernels accumulate p-th powers (squares for p = 2) in float32, which overflow once they pass 3.4e38:
+# a single fp32 value of 3e19 has an infinite sum of squares. When (and only when) a CPU result comes out
+# non-finite, it is recomputed here from the largest magnitude m: ‖t‖_p = m ‖t / m‖_p, every term of which is <= 1.
+# Non-finite inputs give m = inf or NaN, and the result is m itself (the true norm); so finite inputs up to the dtype
+# maximum always give a finite, accurate norm. The common case pays one host read of a CPU scalar (free on CPU).
+def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
+    """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
+    acc = accumulation_dtype(t.dtype)
+    if t.numel() == 0:
+        return _empty_norm(p, acc)
+    if t.is_complex():
+        t = t.abs()
+    m = _cpu_tensor_norm(t, math.inf, scratch)
+    if not (math.isfinite(m.item()) and m.item() > 0):
+        return m  # inf, NaN or 0: exactly the norm
+    parts = [torch.linalg.vector_norm(c.to(acc, copy=True).div_(m), p) for c in torch.split(t.reshape(-1), _CHUNK)]
+    return _scaled_pnorm(torch.stack(parts), p) * m
+
+
+def _cpu_rescue_total(total: Tensor, tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
+    """``total`` if finite, else the overflow-free recomputation (see above)."""
+    if math.isinf(p) or math.isfinite(total.item()):
+        return total
+    return combine_norms(torch.stack([_rescaled_norm(t, p, scratch).to(total.dtype) for t in tensors]), p)
 
 
 # ----------------------------------------------------------------------------------------------------- public
@@ -296,12 +362,13 @@ def tensor_norms(
     >>> N.tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2)
     tensor([5., 2.])
     """
-    p = check_norm_type(norm_type) if check else float(norm_type)
+    p = check_norm_type(norm_type, any_order=True) if check else float(norm_type)
     ts = check_tensors(tensors) if check else list(tensors)
     if not ts:
         return torch.zeros(0)
     sharded = _dtensor_groups(ts)
     if sharded is not None:
+        _check_reducible(p)
         ts, by_groups = sharded
         out_all = _local_tensor_norms(ts, p, foreach)
         for groups, idx in by_groups.items():
@@ -318,7 +385,10 @@ def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Ten
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        norms = _cpu_group_norms(group, p, scratch) if device.type == "cpu" else _device_group_norms(group, p, foreach)
+        if device.type == "cpu" and not (_exotic(p) or _compiling()):
+            norms = _cpu_group_norms(group, p, scratch)
+        else:
+            norms = _device_group_norms(group, p, None if device.type == "cpu" else foreach)
         for i, n in zip(idx, norms):
             out[i] = n
     return _stack_on(out, first)
@@ -344,15 +414,20 @@ def total_norm(
     >>> N.total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
     tensor(5.)
     """
-    p = check_norm_type(norm_type) if check else float(norm_type)
+    p = check_norm_type(norm_type, any_order=True) if check else float(norm_type)
     ts = check_tensors(tensors) if check else list(tensors)
+    if process_group is not None:
+        _check_reducible(p)
     sharded = _dtensor_groups(ts) if ts else None
+    if sharded is not None:
+        _check_reducible(p)
     if sharded is None:
         total = _local_total(ts, p, foreach)
     else:
         local, by_groups = sharded
         in_groups = {i for idx in by_groups.values() for i in idx}
-        parts = [_local_total([t for i, t in enumerate(local) if i not in in_groups], p, foreach)]
+        rest = [t for i, t in enumerate(local) if i not in in_groups]
+        parts = [_local_total(rest, p, foreach)] if rest else []
         for groups, idx in by_groups.items():
             part = _local_total([local[i] for i in idx], p, foreach)
             parts.append(distributed.reduce_over_groups_(part, p, groups))
@@ -390,10 +465,10 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        if device.type == "cpu":
+        if device.type == "cpu" and not (_exotic(p) or _compiling()):
             parts.append(_cpu_group_total(group, p, scratch))
         else:
-            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, foreach)), p))
+            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, None if device.type == "cpu" else foreach)), p))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
 
 

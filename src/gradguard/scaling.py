@@ -45,7 +45,9 @@ def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 
 
 def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
-    return coef.is_cpu and all(t.is_cpu for t in tensors)
+    """Whether the coefficient may be read on the host: CPU only, and never while torch.compile traces (a read
+    would break the graph; the device path below has no branch on values)."""
+    return not torch.compiler.is_compiling() and coef.is_cpu and all(t.is_cpu for t in tensors)
 
 
 @torch.no_grad()
