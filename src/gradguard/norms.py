@@ -117,7 +117,7 @@ def _scaled_pnorm(v: Tensor, p: float) -> Tensor:
 
 
 def _check_reducible(p: float) -> None:
-    if p == 0 or p == -math.inf:
+    if p in (0.0, -math.inf):
         raise ValueError(
             f"norm_type={p} cannot be reduced across ranks (DTensor or process_group): it is not a sum of powers "
             "nor a max; use a norm_type > 0, a finite negative one, or inf"
@@ -267,8 +267,10 @@ def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if small:
         for i, norm in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=acc)):
             out[i] = norm
-    if not math.isinf(p) and not bool(torch.isfinite(torch.stack(out)).all()):  # a CPU read: free
-        out = [n if math.isfinite(n.item()) else _rescaled_norm(t, p, scratch) for n, t in zip(out, tensors)]
+    if not math.isinf(p):  # a CPU read: free
+        values = torch.stack(out).tolist()
+        if any(_suspect(v, p, acc) for v in values):
+            out = [_rescaled_norm(t, p, scratch) if _suspect(v, p, acc) else n for v, n, t in zip(values, out, tensors)]
     return out
 
 
@@ -293,7 +295,9 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
         if use_foreach(ts[0].device, foreach):
             norms = list(torch._foreach_norm(ts, p, dtype=acc))
         else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc or t.is_complex() else acc) for t in ts]
+            norms = [
+                torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc or t.is_complex() else acc) for t in ts
+            ]
         for i, norm in zip(nonempty, norms):
             out[i] = norm
     empty = None
@@ -305,11 +309,19 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
 
 
 # ------------------------------------------------------------------------------------------- overflow fallback
-# The fast kernels accumulate p-th powers (squares for p = 2) in float32, which overflow once they pass 3.4e38:
-# a single fp32 value of 3e19 has an infinite sum of squares. When (and only when) a CPU result comes out
-# non-finite, it is recomputed here from the largest magnitude m: ‖t‖_p = m ‖t / m‖_p, every term of which is <= 1.
-# Non-finite inputs give m = inf or NaN, and the result is m itself (the true norm); so finite inputs up to the dtype
-# maximum always give a finite, accurate norm. The common case pays one host read of a CPU scalar (free on CPU).
+# The fast kernels accumulate p-th powers (squares for p = 2) in float32, which overflow once they pass 3.4e38 (a
+# single fp32 value of 3e19 has an infinite sum of squares) and lose precision once they fall below 1.2e-38
+# (subnormals: values of 1e-20 have an inaccurate norm, values of 1e-25 a norm of 0). When (and only when) a CPU
+# result comes out non-finite or below _TINY ** (1/p), it is recomputed here from the largest magnitude m:
+# ‖t‖_p = m ‖t / m‖_p, whose largest term is 1. Non-finite inputs give m = inf or NaN, and the result is m itself (the
+# true norm); so finite inputs up to the dtype maximum always give a finite, accurate norm. The common case pays one
+# host read of a CPU scalar (free on CPU).
+_TINY = {torch.float32: 1e-20, torch.float64: 1e-280}  # p-th powers summing below this may have lost precision
+
+
+def _suspect(value: float, p: float, acc: torch.dtype) -> bool:
+    """Whether a norm computed from p-th powers may have overflowed or underflowed."""
+    return not math.isfinite(value) or (p > 1 and value < _TINY[acc] ** (1.0 / p))
 def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
     """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
     acc = accumulation_dtype(t.dtype)
@@ -326,7 +338,7 @@ def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
 
 def _cpu_rescue_total(total: Tensor, tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
     """``total`` if finite, else the overflow-free recomputation (see above)."""
-    if math.isinf(p) or math.isfinite(total.item()):
+    if math.isinf(p) or not _suspect(total.item(), p, total.dtype):
         return total
     return combine_norms(torch.stack([_rescaled_norm(t, p, scratch).to(total.dtype) for t in tensors]), p)
 
@@ -468,7 +480,8 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
         if device.type == "cpu" and not (_exotic(p) or _compiling()):
             parts.append(_cpu_group_total(group, p, scratch))
         else:
-            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, None if device.type == "cpu" else foreach)), p))
+            fe = None if device.type == "cpu" else foreach
+            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, fe)), p))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
 
 
