@@ -46,7 +46,8 @@ def test_fullgraph_compiled_equals_eager(dtype, max_norm):
     # both accumulate in float32 (the compiled kernel in another order): each within 1e-5 of the float64 norm
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
     torch.testing.assert_close(want.double(), exact, rtol=1e-5, atol=0)
-    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2**-8, "atol": 0}
+    # the two coefficients can differ in the last float32 bit: one bf16 rounding step apart at most
+    tol = {"rtol": 1e-6, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2**-7, "atol": 0}
     for p, q in zip(params, ref):
         torch.testing.assert_close(p.grad, q.grad, **tol)
     if max_norm > 1:  # not clipping: the compiled path multiplies by exactly 1, the gradients are unchanged

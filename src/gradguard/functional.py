@@ -35,7 +35,7 @@ from gradguard._checks import (
     tensor_list,
 )
 from gradguard.norms import group_by_device_and_dtype, use_foreach
-from gradguard.scaling import clip_coefficient, scale_
+from gradguard.scaling import clip_to_norm_
 
 __all__ = [
     "clip_grad_norm_",
@@ -138,9 +138,7 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     grads = _gradients(parameters)
-    if not grads:
-        return
-    scale_(grads, clip_coefficient(m, total_norm), foreach)
+    clip_to_norm_(grads, m, total_norm, foreach)
 
 
 @torch.no_grad()
@@ -184,8 +182,7 @@ def clip_grad_norm_(
     total = norms.total_norm(grads, p, foreach, check=False)
     if error_if_nonfinite:
         _raise_nonfinite(total, p)
-    if grads:
-        scale_(grads, clip_coefficient(m, total), foreach)
+    clip_to_norm_(grads, m, total, foreach)
     return total
 
 

@@ -66,6 +66,8 @@ _SMALL = 1 << 16  # tensors with fewer elements are batched together on CPU when
 _DIRECT = 1 << 13  # float32/float64 tensors with at least this many elements: one torch._foreach_norm call for all
 _SEG = 1 << 14  # torch's CPU norm kernel is accurate up to about this many elements (see _partial), so longer
 # vectors are reduced as views of this length, all in one _foreach_norm call
+_SPLIT = 1 << 16  # ...those longer than this (shorter ones: one view each, error <= 1.5e-6; splitting costs Python)
+_FEW = 64  # this many same-dtype tensors or fewer, all float32/float64 and small: one _foreach_norm, nothing else
 _CHUNK = 1 << 18  # elements per float32 upcast chunk for reduced-precision tensors on CPU (1 MiB buffer)
 _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
 
@@ -159,7 +161,7 @@ def _partial(v: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
-    if v.numel() <= _SEG:
+    if v.numel() <= _SPLIT:
         return torch.linalg.vector_norm(v, p)
     return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
 
@@ -188,7 +190,7 @@ class _UpcastBuffer:
     def get(self, n: int, dtype: torch.dtype) -> Tensor:
         buf = self._bufs.get(dtype)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, _CHUNK), dtype=dtype)
+            buf = torch.empty(n, dtype=dtype)  # chunks are at most _CHUNK: the first one sizes it for the rest
             self._bufs[dtype] = buf
         return buf[:n]
 
@@ -227,10 +229,12 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
+    native = tensors[0].dtype == acc
+    if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
+        return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p, scratch)
     parts: list[Tensor] = []  # partials
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
     direct: list[Tensor] = []
-    native = tensors[0].dtype == acc
     for t in tensors:
         n = t.numel()
         if native and n >= _DIRECT:
@@ -262,7 +266,7 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
             parts.append(_partial(buf, p))
             start = end
     if direct:
-        views = [c for t in direct for c in torch.split(t.reshape(-1), _SEG)]  # views of contiguous tensors
+        views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
     if not parts:
         return torch.zeros((), dtype=acc)
@@ -286,7 +290,7 @@ def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
         owner: list[int] = []
         for k, i in enumerate(small):
             t = tensors[i]
-            pieces = torch.split(t.reshape(-1), _SEG) if native and t.numel() > _SEG else (t,)
+            pieces = torch.split(t.reshape(-1), _SEG) if native and t.numel() > _SPLIT else (t,)
             views.extend(pieces)
             owner.extend([k] * len(pieces))
         seg_norms = torch.stack(torch._foreach_norm(views, p, dtype=acc))
