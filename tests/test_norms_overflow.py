@@ -126,3 +126,25 @@ def test_long_tensors_are_accurate_where_torchs_kernel_is_not(dtype, offset, rel
     if dtype == torch.float32:
         torch_err = abs(float(torch.linalg.vector_norm(g)) - _exact([g], 2)) / _exact([g], 2)
         assert torch_err > 10 * rel  # the point of the test: the plain kernel would fail it
+
+
+@pytest.fixture(params=[True, False], ids=["idle-kernels", "busy-kernels"])
+def load_path(request):
+    """Run a test through both CPU kernel sets (BLAS dots when idle, views in one _foreach_norm when busy)."""
+    N._LOAD["force"] = request.param
+    yield request.param
+    N._LOAD["force"] = None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_both_cpu_kernel_sets_agree_with_float64(load_path, dtype):
+    shapes = [(3000, 700), (50, 4000), (70_000,), (768,), (5,), (0,), (2_500_000,)]
+    ts = [(torch.randn(s, dtype=torch.float64) * 10).to(dtype) for s in shapes]
+    exact = _exact(ts, 2)
+    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=2e-6)
+    per = N.tensor_norms(ts).tolist()
+    assert per == pytest.approx([_exact([t], 2) for t in ts], rel=2e-6)
+    for p in (1.0, math.inf, 3.0):
+        assert float(gg.get_total_norm(ts, p)) == pytest.approx(_exact(ts, p), rel=1e-5)
+    big = [torch.full((200_000,), 3e19, dtype=dtype)]  # and the overflow rescue on both
+    assert float(gg.get_total_norm(big)) == pytest.approx(float(big[0][0]) * math.sqrt(200_000), rel=1e-5)

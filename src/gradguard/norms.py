@@ -41,6 +41,8 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 from __future__ import annotations
 
 import math
+import os
+import time
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -154,6 +156,36 @@ def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None
 # small), so vectors are reduced as views of _SEG values in one _foreach_norm call, and the view norms combined
 # (measured at 16K: 1e-7 on zero-mean data, 1.5e-6 with a large common offset). Partials of disjoint pieces
 # combine into the partial of their union (_merge).
+#
+# Except on an idle machine: there one BLAS dot per view of up to _DOT values runs on every core (GPT-2 small fp32:
+# 30 ms against 55 ms for one _foreach_norm and 83 ms for 16K views, measured at load 1.2 on the 2-core machine;
+# MKL's dot is accurate to 2e-7 at 1M values). "Idle" is the 1-minute load average below the core count minus 0.5,
+# read at most every 0.5 s (/proc/loadavg: a few microseconds).
+_DOT = 1 << 20
+_LOAD: dict[str, float | bool | None] = {"checked": -1.0, "idle": True, "force": None}  # force: tests pick a path
+
+
+def _idle() -> bool:
+    """Whether this machine's cores are free (then multi-threaded BLAS calls are the fastest)."""
+    if _LOAD["force"] is not None:
+        return bool(_LOAD["force"])
+    now = time.monotonic()
+    if now - float(_LOAD["checked"] or 0.0) > 0.5:
+        _LOAD["checked"] = now
+        try:
+            _LOAD["idle"] = os.getloadavg()[0] < (os.cpu_count() or 1) - 0.5
+        except OSError:  # no load average on this platform: assume idle
+            _LOAD["idle"] = True
+    return bool(_LOAD["idle"])
+
+
+def _dot_norm(v: Tensor) -> Tensor:
+    """The 2-norm of a 1-D contiguous vector by BLAS dots over views of at most _DOT values."""
+    if v.numel() <= _DOT:
+        return torch.dot(v, v).sqrt()
+    return torch.stack([torch.dot(c, c) for c in torch.split(v, _DOT)]).sum().sqrt()
+
+
 def _partial(v: Tensor, p: float) -> Tensor:
     """The partial of a 1-D contiguous float32/float64 vector, in its dtype."""
     if v.numel() == 0:
@@ -161,6 +193,8 @@ def _partial(v: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
+    if p == 2.0 and v.numel() > _SPLIT and _idle():
+        return _dot_norm(v)
     if v.numel() <= _SPLIT:
         return torch.linalg.vector_norm(v, p)
     return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
@@ -265,7 +299,9 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
             torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
             parts.append(_partial(buf, p))
             start = end
-    if direct:
+    if direct and p == 2.0 and _idle():
+        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
+    elif direct:
         views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
     if not parts:
