@@ -14,12 +14,19 @@ How it is computed:
 * accumulation is in float32 (float64 for float64 / complex128 gradients), so finite float16 / bfloat16 gradients
   never overflow to an infinite norm (torch keeps per-tensor norms in the gradient dtype: an fp16 gradient with
   norm 8e4 gives ``inf``);
-* on CPU, the 2-norm uses a BLAS dot product per tensor, the inf-norm one ``aminmax`` pass, reduced-precision
-  tensors are upcast chunk by chunk into a small cache-resident buffer, and, when only the total is needed,
-  small tensors are concatenated so that thousands of them cost a few kernel calls;
+* on CPU: float32/float64 tensors by one ``torch._foreach_norm`` call over views of at most 16K values (torch's
+  kernel is inaccurate on longer vectors), or, when the machine is idle, by BLAS dots over 1M-value views; the
+  inf-norm by ``aminmax``; reduced-precision tensors upcast chunk by chunk into a small cache-resident buffer;
+  when only the total is needed, small tensors concatenated so that thousands of them cost a few kernel calls;
+* every order torch accepts: ``p > 0``, ``inf``, and ``0``, ``p < 0``, ``-inf`` (per-tensor norms by torch's
+  kernel, combined as torch combines them: for ``p = 0`` the total counts the tensors with a non-zero entry);
+* finite inputs never give an infinite norm: on CPU a result that is non-finite or tiny is recomputed as
+  ``m ‖g/m‖_p`` from the largest magnitude ``m`` (only then: one host read of a CPU scalar decides), and norms are
+  always combined that way with device ops;
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
   to the host;
-* empty tensors have norm 0 for every ``p``.
+* empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
+* while ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
