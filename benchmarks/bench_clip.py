@@ -8,10 +8,16 @@ rounds:
 * read+write floor: one in-place ``mul_`` per gradient tensor (a pure read+write pass).
 
 When clipping, the least possible work is one read (the norm) and one read+write (the scaling), so the target is
-``(read + rw) floor``; when no clipping is needed it is the read floor alone.
+``(read + rw) floor``; when no clipping is needed it is the read floor alone. Gradients are restored (untimed)
+before every timed call, so every "clip" call really clips.
 
-    python benchmarks/bench_clip.py              # all cases, 11 rounds
+``--busy`` starts a CPU-bound subprocess (one busy core) beside the benchmark for its whole run: the condition
+under which per-tensor multi-threaded kernel calls stall on a descheduled thread.
+
+    python benchmarks/bench_clip.py                          # the default cases, 11 rounds
     python benchmarks/bench_clip.py --rounds 21 --cases gpt2
+    python benchmarks/bench_clip.py --busy --cases gpt2,gpt2-bf16,tiny10,medium64
+    python benchmarks/bench_clip.py --cases sweep            # every case below (llama-fp32 needs ~10 GiB)
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -26,13 +33,22 @@ from collections.abc import Callable
 import torch
 
 import gradguard as gg
-from shapes import gpt2_small_shapes, small_shapes
+from shapes import (
+    gpt2_small_shapes,
+    llama_1b_shapes,
+    medium_shapes,
+    resnet50_shapes,
+    small_shapes,
+    tiny_shapes,
+    total_size_shapes,
+)
 
 
 def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch.Tensor]:
     params = []
     for s in shapes:
-        p = torch.empty(s, dtype=dtype).requires_grad_(True)
+        # the parameter's values are never read: a stride-0 tensor of the right shape costs one element
+        p = torch.empty_strided(s, (0,) * len(s), dtype=dtype).requires_grad_(True)
         p.grad = torch.randn(s, dtype=dtype)
         params.append(p)
     return params
@@ -92,32 +108,64 @@ def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, round
     return rows
 
 
+CASES: dict[str, tuple[str, Callable[[], list[tuple[int, ...]]], torch.dtype]] = {
+    "gpt2": ("GPT-2 small", gpt2_small_shapes, torch.float32),
+    "gpt2-bf16": ("GPT-2 small", gpt2_small_shapes, torch.bfloat16),
+    "gpt2-fp16": ("GPT-2 small", gpt2_small_shapes, torch.float16),
+    "resnet50": ("ResNet-50", resnet50_shapes, torch.float32),
+    "resnet50-bf16": ("ResNet-50", resnet50_shapes, torch.bfloat16),
+    "llama-bf16": ("Llama ~1B", llama_1b_shapes, torch.bfloat16),
+    "llama-fp32": ("Llama ~1B", llama_1b_shapes, torch.float32),
+    "small": ("5,000 small tensors", small_shapes, torch.float32),
+    "tiny10": ("10 tiny tensors", lambda: tiny_shapes(10), torch.float32),
+    "tiny1k": ("1,000 tiny tensors", lambda: tiny_shapes(1000), torch.float32),
+    "tiny100k": ("100,000 tiny tensors", lambda: tiny_shapes(100_000), torch.float32),
+    "medium64": ("64 tensors of 16K-64K", medium_shapes, torch.float32),
+    "medium64-bf16": ("64 tensors of 16K-64K", medium_shapes, torch.bfloat16),
+    "total1M": ("1M values", lambda: total_size_shapes(1 << 20), torch.float32),
+    "total10M": ("10M values", lambda: total_size_shapes(10_000_000), torch.float32),
+    "total100M": ("100M values", lambda: total_size_shapes(100_000_000), torch.float32),
+    "total500M": ("500M values", lambda: total_size_shapes(500_000_000), torch.float32),
+}
+DEFAULT = "gpt2,gpt2-bf16,gpt2-fp16,resnet50,small,tiny10,tiny1k,medium64"
+SWEEP = ",".join(CASES)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=11)
-    ap.add_argument("--cases", default="gpt2,small,fp16,bf16", help="comma-separated subset of gpt2,small,fp16,bf16")
+    ap.add_argument("--cases", default=DEFAULT, help=f"comma-separated subset of {SWEEP}, or 'sweep' for all")
+    ap.add_argument("--busy", action="store_true", help="run a CPU-bound subprocess beside the benchmark")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
-    cases = {
-        "gpt2": ("GPT-2 small", gpt2_small_shapes, torch.float32),
-        "small": ("5,000 small tensors", small_shapes, torch.float32),
-        "fp16": ("GPT-2 small", gpt2_small_shapes, torch.float16),
-        "bf16": ("GPT-2 small", gpt2_small_shapes, torch.bfloat16),
-    }
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians\n")
-    print("| case | dtype | clipping | gradguard / torch | gradguard / floor | torch / floor | floor |")
-    print("|---|---|---|---|---|---|---|")
-    rows = []
-    for key in args.cases.split(","):
-        name, shapes_fn, dtype = cases[key]
-        for row in run_case(name, shapes_fn(), dtype, args.rounds):
-            rows.append(row)
-            print(
-                f"| {row['case']} ({row['tensors']} tensors, {row['values_M']}M) | {row['dtype']} | {row['clipping']} "
-                f"| {row['gg_vs_torch']:.2f}x | {row['gg_vs_floor']:.2f}x | {row['torch_vs_floor']:.2f}x "
-                f"| {row['floor']} |",
-                flush=True,
-            )
+    keys = SWEEP.split(",") if args.cases == "sweep" else args.cases.split(",")
+    unknown = [k for k in keys if k not in CASES]
+    if unknown:
+        ap.error(f"unknown cases {unknown}; choose from {SWEEP}")
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
+    try:
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians"
+            f"{', one busy core beside (--busy)' if busy else ''}\n"
+        )
+        print("| case | dtype | clipping | gradguard / torch | gradguard / floor | torch / floor | floor |")
+        print("|---|---|---|---|---|---|---|")
+        rows = []
+        for key in keys:
+            name, shapes_fn, dtype = CASES[key]
+            for row in run_case(name, shapes_fn(), dtype, args.rounds):
+                row["busy"] = busy is not None
+                rows.append(row)
+                print(
+                    f"| {row['case']} ({row['tensors']} tensors, {row['values_M']}M) | {row['dtype']} "
+                    f"| {row['clipping']} | {row['gg_vs_torch']:.2f}x | {row['gg_vs_floor']:.2f}x "
+                    f"| {row['torch_vs_floor']:.2f}x | {row['floor']} |",
+                    flush=True,
+                )
+    finally:
+        if busy is not None:
+            busy.kill()
+            busy.wait()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -44,3 +44,43 @@ def resnet50() -> nn.Module:
             cin = width * 4
     layers.append(nn.Linear(2048, 1000))
     return nn.Sequential(*layers)
+
+
+def llama_1b_shapes() -> list[tuple[int, ...]]:
+    """The 146 parameter shapes of a Llama-3.2-1B-style model (1.24B values; the LM head tied to the embedding):
+    d=2048, 16 layers, 32 query / 8 key-value heads of 64, MLP 8192, vocabulary 128256."""
+    shapes: list[tuple[int, ...]] = [(128256, 2048)]
+    for _ in range(16):
+        shapes += [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048)]  # q, k, v, o
+        shapes += [(8192, 2048), (8192, 2048), (2048, 8192)]  # gate, up, down
+        shapes += [(2048,), (2048,)]  # input and post-attention RMSNorm
+    shapes.append((2048,))  # final norm
+    return shapes
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter shapes of :func:`resnet50` (25.6M values)."""
+    return [tuple(p.shape) for p in resnet50().parameters()]
+
+
+def tiny_shapes(n: int, seed: int = 0) -> list[tuple[int, ...]]:
+    """``n`` 1-d tensors of 1..64 values (biases, norm scales, gates)."""
+    g = torch.Generator().manual_seed(seed)
+    return [(int(s),) for s in torch.randint(1, 65, (n,), generator=g)]
+
+
+def medium_shapes(n: int = 64, seed: int = 0) -> list[tuple[int, ...]]:
+    """``n`` 2-d tensors of 16K..64K values each (rows of 128), the old CPU concatenation-cutoff cliff."""
+    g = torch.Generator().manual_seed(seed)
+    return [(int(s), 128) for s in torch.randint(128, 513, (n,), generator=g)]
+
+
+def total_size_shapes(total: int, per_tensor: int = 1 << 22) -> list[tuple[int, ...]]:
+    """``total`` values as 2-d tensors of at most ``per_tensor`` values (rows of 1024)."""
+    shapes: list[tuple[int, ...]] = []
+    left = total
+    while left > 0:
+        n = min(left, per_tensor)
+        shapes.append((max(1, n // 1024), 1024) if n >= 1024 else (n,))
+        left -= shapes[-1][0] * (shapes[-1][1] if len(shapes[-1]) == 2 else 1)
+    return shapes

@@ -251,3 +251,35 @@ def test_complex_gradients_norm_like_torch():
     q.grad = p.grad.clone()
     torch.testing.assert_close(gg.clip_grad_norm_([p], 1.0), torch.nn.utils.clip_grad_norm_([q], 1.0))
     torch.testing.assert_close(p.grad, q.grad)
+
+
+def test_nn_module_is_accepted_as_its_parameters_across_the_functional_api():
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    model(torch.randn(5, 4)).pow(2).sum().mul(50).backward()
+    ref = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    for r, p in zip(ref, model.parameters()):
+        r.grad = p.grad.clone()
+    # clip_grad_norm_: same norm and gradients as torch given the parameter list
+    ours = gg.clip_grad_norm_(model, 0.5)
+    theirs = torch.nn.utils.clip_grad_norm_(ref, 0.5)
+    torch.testing.assert_close(ours, theirs)
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r.grad)
+    # clip_grad_value_, clip_grads_with_norm_
+    gg.clip_grad_value_(model, 0.01)
+    torch.nn.utils.clip_grad_value_(ref, 0.01)
+    gg.clip_grads_with_norm_(model, 0.005, gg.get_total_norm([p.grad for p in model.parameters()]))
+    torch.nn.utils.clip_grads_with_norm_(ref, 0.005, torch.nn.utils.get_total_norm([r.grad for r in ref]))
+    for p, r in zip(model.parameters(), ref):
+        torch.testing.assert_close(p.grad, r.grad)
+    # get_total_norm(model): the norm of its parameters, as for model.parameters()
+    torch.testing.assert_close(gg.get_total_norm(model), torch.nn.utils.get_total_norm(list(model.parameters())))
+
+
+def test_nn_module_shared_parameters_count_once():
+    lin = torch.nn.Linear(3, 3, bias=False)
+    model = torch.nn.Sequential(lin, lin)  # one weight, reached twice
+    lin.weight.grad = torch.full((3, 3), 2.0)
+    assert float(gg.clip_grad_norm_(model, 1e6)) == pytest.approx(6.0)  # sqrt(9 * 4), not sqrt(18 * 4)
+    assert float(gg.get_total_norm(torch.nn.Module())) == 0.0  # no parameters

@@ -29,8 +29,13 @@ FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.fl
 COMPLEX_DTYPES = frozenset({torch.complex64, torch.complex128})
 
 
-def check_norm_type(norm_type: Any) -> float:
-    """Return ``norm_type`` as a float; it must be a positive number or ``inf`` (``'inf'`` is accepted, as in torch)."""
+def check_norm_type(norm_type: Any, *, any_order: bool = False) -> float:
+    """Return ``norm_type`` as a float.
+
+    By default it must be a positive number or ``inf`` (``'inf'`` is accepted, as in torch). With ``any_order=True``
+    every order ``torch.linalg.vector_norm`` accepts is allowed: also ``0`` (the count of non-zero entries), negative
+    numbers and ``-inf`` (the smallest absolute value); only NaN is rejected.
+    """
     if isinstance(norm_type, bool):
         raise TypeError(f"norm_type must be a positive number or 'inf', got the bool {norm_type!r}")
     try:
@@ -39,6 +44,10 @@ def check_norm_type(norm_type: Any) -> float:
         raise TypeError(
             f"norm_type must be a positive number or 'inf', got {norm_type!r} of type {type(norm_type).__name__}"
         ) from None
+    if any_order:
+        if math.isnan(p):
+            raise ValueError(f"norm_type must be a number or +-inf (e.g. 2.0, 1.0, float('inf')), got {norm_type!r}")
+        return p
     if math.isnan(p) or p <= 0:
         raise ValueError(
             f"norm_type must be a positive number or inf (e.g. 2.0, 1.0, 0.5, float('inf')), got {norm_type!r}"

@@ -35,7 +35,7 @@ from gradguard._checks import (
     tensor_list,
 )
 from gradguard.norms import group_by_device_and_dtype, use_foreach
-from gradguard.scaling import clip_coefficient, scale_
+from gradguard.scaling import clip_to_norm_
 
 __all__ = [
     "clip_grad_norm_",
@@ -45,14 +45,21 @@ __all__ = [
     "grad_norms",
 ]
 
-TensorOrTensors: TypeAlias = Tensor | Iterable[Tensor]
+TensorOrTensors: TypeAlias = Tensor | Iterable[Tensor] | nn.Module
 NamedParameters: TypeAlias = nn.Module | Iterable[tuple[str, Tensor]] | Mapping[str, Tensor]
+
+
+def _tensors(items: TensorOrTensors, name: str) -> list[Tensor]:
+    """``items`` as a list of tensors; an ``nn.Module`` stands for its parameters (each shared one once)."""
+    if isinstance(items, nn.Module):
+        return list(items.parameters())
+    return tensor_list(items, name)
 
 
 def _gradients(parameters: TensorOrTensors, *, complex_ok: bool = True) -> list[Tensor]:
     """The ``.grad`` of every parameter that has one, validated (nothing is modified)."""
     is_generator = isinstance(parameters, types.GeneratorType)
-    params = tensor_list(parameters, "parameters")
+    params = _tensors(parameters, "parameters")
     if is_generator and not params:
         warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
     grads = [p.grad for p in params]
@@ -83,8 +90,10 @@ def get_total_norm(
     r"""Norm of ``tensors`` viewed as one vector: :math:`\|(\|t_1\|_p, \dots, \|t_n\|_p)\|_p`.
 
     Args:
-        tensors: a tensor or an iterable of tensors (typically gradients).
-        norm_type: ``p`` in ``(0, inf]``; ``'inf'`` or ``float('inf')`` for the max-norm.
+        tensors: a tensor or an iterable of tensors (typically gradients); an ``nn.Module`` means its parameters.
+        norm_type: any order torch accepts: ``p > 0``, ``'inf'`` / ``float('inf')`` (max), ``0`` (count of non-zero
+            entries per tensor; the total, as in torch, is the number of tensors with one), ``p < 0`` and ``-inf``
+            (smallest magnitude). Empty tensors add nothing to the total.
         error_if_nonfinite: raise ``RuntimeError`` if the norm is NaN or infinite (reads it on the host).
         foreach: ``None`` picks the fastest kernel; ``True`` requires the foreach kernels; ``False`` loops.
 
@@ -96,8 +105,8 @@ def get_total_norm(
         >>> gg.get_total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
         tensor(5.)
     """
-    ts = tensor_list(tensors, "tensors")
-    p = check_norm_type(norm_type)
+    ts = _tensors(tensors, "tensors")
+    p = check_norm_type(norm_type, any_order=True)
     check_foreach(foreach)
     total = norms.total_norm(norms.check_tensors(ts, "tensors"), p, foreach, check=False)
     if error_if_nonfinite:
@@ -129,9 +138,7 @@ def clip_grads_with_norm_(
     if not isinstance(total_norm, Tensor):
         total_norm = torch.tensor(float(total_norm))
     grads = _gradients(parameters)
-    if not grads:
-        return
-    scale_(grads, clip_coefficient(m, total_norm), foreach)
+    clip_to_norm_(grads, m, total_norm, foreach)
 
 
 @torch.no_grad()
@@ -152,9 +159,11 @@ def clip_grad_norm_(
     zeroed, and a non-finite norm leaves the gradients untouched instead of filling them with NaN.
 
     Args:
-        parameters: a tensor or an iterable of tensors whose ``.grad`` is clipped; ``None`` grads are skipped.
+        parameters: a tensor, an iterable of tensors or an ``nn.Module`` (its parameters) whose ``.grad`` is
+            clipped; ``None`` grads are skipped.
         max_norm: the largest allowed norm, ``>= 0``.
-        norm_type: ``p`` in ``(0, inf]``.
+        norm_type: any order torch accepts (see :func:`get_total_norm`): ``p > 0``, ``inf``, ``0``, ``p < 0``,
+            ``-inf``. Finite gradients up to the dtype maximum give a finite norm (no overflow of the sum of squares).
         error_if_nonfinite: raise ``RuntimeError`` (gradients untouched) if the norm is NaN or infinite.
         foreach: ``None`` picks the fastest kernel; ``True`` requires the foreach kernels; ``False`` loops.
 
@@ -167,14 +176,13 @@ def clip_grad_norm_(
         (True, 1.0)
     """
     m = check_nonnegative(max_norm, "max_norm")
-    p = check_norm_type(norm_type)
+    p = check_norm_type(norm_type, any_order=True)
     check_foreach(foreach)
     grads = _gradients(parameters)
     total = norms.total_norm(grads, p, foreach, check=False)
     if error_if_nonfinite:
         _raise_nonfinite(total, p)
-    if grads:
-        scale_(grads, clip_coefficient(m, total), foreach)
+    clip_to_norm_(grads, m, total, foreach)
     return total
 
 
@@ -249,7 +257,7 @@ def grad_norms(module_or_named_parameters: NamedParameters, norm_type: float | s
         >>> {k: round(float(v), 4) for k, v in gg.grad_norms(model).items()}
         {'weight': 1.7321, 'bias': 1.0, 'total': 2.0}
     """
-    p = check_norm_type(norm_type)
+    p = check_norm_type(norm_type, any_order=True)
     named = [(n, t.grad) for n, t in _named(module_or_named_parameters) if t.grad is not None]
     grads = [g for _, g in named]
     ok = FLOAT_DTYPES | COMPLEX_DTYPES

@@ -14,12 +14,19 @@ How it is computed:
 * accumulation is in float32 (float64 for float64 / complex128 gradients), so finite float16 / bfloat16 gradients
   never overflow to an infinite norm (torch keeps per-tensor norms in the gradient dtype: an fp16 gradient with
   norm 8e4 gives ``inf``);
-* on CPU, the 2-norm uses a BLAS dot product per tensor, the inf-norm one ``aminmax`` pass, reduced-precision
-  tensors are upcast chunk by chunk into a small cache-resident buffer, and, when only the total is needed,
-  small tensors are concatenated so that thousands of them cost a few kernel calls;
+* on CPU: float32/float64 tensors by one ``torch._foreach_norm`` call over views of at most 16K values (torch's
+  kernel is inaccurate on longer vectors), or, when the machine is idle, by BLAS dots over 1M-value views; the
+  inf-norm by ``aminmax``; reduced-precision tensors upcast chunk by chunk into a small cache-resident buffer;
+  when only the total is needed, small tensors concatenated so that thousands of them cost a few kernel calls;
+* every order torch accepts: ``p > 0``, ``inf``, and ``0``, ``p < 0``, ``-inf`` (per-tensor norms by torch's
+  kernel, combined as torch combines them: for ``p = 0`` the total counts the tensors with a non-zero entry);
+* finite inputs never give an infinite norm: on CPU a result that is non-finite or tiny is recomputed as
+  ``m ‖g/m‖_p`` from the largest magnitude ``m`` (only then: one host read of a CPU scalar decides), and norms are
+  always combined that way with device ops;
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
   to the host;
-* empty tensors have norm 0 for every ``p``.
+* empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
+* while ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -41,6 +48,7 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -64,6 +72,11 @@ __all__ = [
 ]
 
 _SMALL = 1 << 16  # tensors with fewer elements are batched together on CPU when only the total is needed
+_DIRECT = 1 << 13  # float32/float64 tensors with at least this many elements: one torch._foreach_norm call for all
+_SEG = 1 << 14  # torch's CPU norm kernel is accurate up to about this many elements (see _partial), so longer
+# vectors are reduced as views of this length, all in one _foreach_norm call
+_SPLIT = 1 << 16  # ...those longer than this (shorter ones: one view each, error <= 1.5e-6; splitting costs Python)
+_FEW = 64  # this many same-dtype tensors or fewer, all float32/float64 and small: one _foreach_norm, nothing else
 _CHUNK = 1 << 18  # elements per float32 upcast chunk for reduced-precision tensors on CPU (1 MiB buffer)
 _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
 
@@ -95,29 +108,96 @@ def combine_norms(norms: Tensor, norm_type: float, *, process_group: dist.Proces
     """
     if norms.numel() == 0:
         total = norms.new_zeros(())
-    elif math.isinf(norm_type):
+    elif norm_type == math.inf:
         total = norms.amax()  # amax propagates NaN
-    else:
+    elif norm_type == -math.inf:
+        total = norms.amin()  # amin propagates NaN
+    elif norm_type <= 0:  # 0: the count of non-zero norms; < 0: entries of inf (empty tensors) add nothing
         total = torch.linalg.vector_norm(norms, norm_type)
+    else:
+        total = _scaled_pnorm(norms, norm_type)
     if process_group is not None:
+        _check_reducible(norm_type)
         distributed.all_reduce_norms_(total, norm_type, process_group)
     return total
 
 
+def _scaled_pnorm(v: Tensor, p: float) -> Tensor:
+    """``‖v‖_p`` for finite ``p > 0`` computed as ``m ‖v / m‖_p`` with ``m = max v``, so it never overflows while the
+    true norm is finite (``[3e19, 3e19]`` gives ``4.2e19``, not ``inf``). Device ops only: no host read."""
+    m = v.amax()
+    s = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))  # inf / NaN / 0: the plain norm is right
+    return torch.linalg.vector_norm(v / s, p) * s
+
+
+def _check_reducible(p: float) -> None:
+    if p in (0.0, -math.inf):
+        raise ValueError(
+            f"norm_type={p} cannot be reduced across ranks (DTensor or process_group): it is not a sum of powers "
+            "nor a max; use a norm_type > 0, a finite negative one, or inf"
+        )
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing: then every path is the device path (no host reads, no Python branches on
+    values), so the trace has no graph break."""
+    return bool(torch.compiler.is_compiling())
+
+
+def _exotic(p: float) -> bool:
+    """Orders ``p <= 0`` and ``-inf``: no partials to merge, per-tensor norms by torch's kernel, then combined."""
+    return p <= 0
+
+
+def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None) -> Tensor:
+    """The norm of an empty tensor: 0 for ``p >= 0`` and inf, inf (the identity of the combination) for ``p < 0``."""
+    return torch.full((), math.inf if p < 0 else 0.0, dtype=dtype, device=device)
+
+
 # --------------------------------------------------------------------------------------------------- CPU kernels
-# CPU reductions work on *partials*: the sum of squares for p = 2 (so the square root is taken once, at the end),
-# the max of |x| for p = inf, and the p-norm itself otherwise. Partials of disjoint pieces combine into the partial
-# of their union with _merge; _finish turns a partial into a norm.
+# CPU reductions work on *partials*: the max of |x| for p = inf, and the p-norm itself otherwise, always by torch's
+# own reduction kernels (linalg.vector_norm, _foreach_norm), never by a BLAS dot: measured on the busy 2-core machine,
+# each MKL dot call waits for the descheduled second thread (GPT-2 small fp32: 148 dots 808-993 ms, one
+# _foreach_norm 130-136 ms, one torch.sum per tensor 626 ms). torch's fp32 norm kernel is not accurate on long
+# vectors (relative error 1.6e-6 at 262K values, 7e-4 at 16M; torch's own clip_grad_norm_ is off by 8.5e-4 on GPT-2
+# small), so vectors are reduced as views of _SEG values in one _foreach_norm call, and the view norms combined
+# (measured at 16K: 1e-7 on zero-mean data, 1.5e-6 with a large common offset). Partials of disjoint pieces
+# combine into the partial of their union (_merge).
+#
+# Except for p = 2: there one BLAS dot per view of up to _DOT values runs on every core (GPT-2 small fp32: 30 ms
+# against 55 ms for one _foreach_norm and 83 ms for 16K views, idle 2-core machine). The kernel is fixed for the
+# process, never chosen from the machine's load, so the same gradients always give the same bits (a load-dependent
+# switch made results differ by ~1e-7 from one step to the next). Where other processes keep the cores busy (MKL's
+# dot calls then wait for descheduled threads), GRADGUARD_CPU_NORM_KERNEL=foreach selects the views in one
+# _foreach_norm call instead.
+_DOT = 1 << 20
+_KERNEL = {"dot": os.environ.get("GRADGUARD_CPU_NORM_KERNEL", "dot") != "foreach"}  # tests flip it
+
+
+def _use_dot() -> bool:
+    """Whether p = 2 CPU norms use BLAS dots (the default) rather than views in one ``_foreach_norm`` call."""
+    return _KERNEL["dot"]
+
+
+def _dot_norm(v: Tensor) -> Tensor:
+    """The 2-norm of a 1-D contiguous vector by BLAS dots over views of at most _DOT values."""
+    if v.numel() <= _DOT:
+        return torch.dot(v, v).sqrt()
+    return torch.stack([torch.dot(c, c) for c in torch.split(v, _DOT)]).sum().sqrt()
+
+
 def _partial(v: Tensor, p: float) -> Tensor:
-    """The partial of a 1-D contiguous float32/float64 vector, in its dtype, by the fastest CPU kernel."""
+    """The partial of a 1-D contiguous float32/float64 vector, in its dtype."""
     if v.numel() == 0:
         return v.new_zeros(())
-    if p == 2.0:
-        return torch.dot(v, v)
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
-    return torch.linalg.vector_norm(v, p)
+    if p == 2.0 and v.numel() > _SPLIT and _use_dot():
+        return _dot_norm(v)
+    if v.numel() <= _SPLIT:
+        return torch.linalg.vector_norm(v, p)
+    return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
 
 
 def _merge(parts: list[Tensor], p: float) -> Tensor:
@@ -125,16 +205,14 @@ def _merge(parts: list[Tensor], p: float) -> Tensor:
     if len(parts) == 1:
         return parts[0]
     stacked = torch.stack(parts)
-    if p == 2.0:
-        return stacked.sum()
     if math.isinf(p):
         return stacked.amax()
     return torch.linalg.vector_norm(stacked, p)
 
 
-def _finish(partial: Tensor, p: float) -> Tensor:
-    """The norm from a partial."""
-    return partial.sqrt() if p == 2.0 else partial
+def _norms_partial(norms: Tensor, p: float) -> Tensor:
+    """The partial of the union of tensors, from their norms."""
+    return norms.amax() if math.isinf(p) else torch.linalg.vector_norm(norms, p)
 
 
 class _UpcastBuffer:
@@ -146,7 +224,7 @@ class _UpcastBuffer:
     def get(self, n: int, dtype: torch.dtype) -> Tensor:
         buf = self._bufs.get(dtype)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, _CHUNK), dtype=dtype)
+            buf = torch.empty(n, dtype=dtype)  # chunks are at most _CHUNK: the first one sizes it for the rest
             self._bufs[dtype] = buf
         return buf[:n]
 
@@ -170,23 +248,32 @@ def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
     """Norm of one CPU tensor in its accumulation dtype."""
     if t.is_complex():
         return torch.linalg.vector_norm(t, p)
-    return _finish(_cpu_tensor_partial(t, p, scratch), p)
+    return _cpu_tensor_partial(t, p, scratch)
 
 
 def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
     """Total norm of a same-dtype CPU group.
 
-    Large tensors are reduced one by one; small ones are concatenated (grouped by trailing shape, so no per-tensor
-    reshape is needed) into the scratch buffer, upcast on the way, and reduced a batch at a time.
+    float32/float64 tensors of ``_DIRECT`` elements or more are reduced by one ``torch._foreach_norm`` call (torch's
+    own kernel: one call from Python, no copy; measured on the busy 2-core machine 6x faster than one BLAS dot per
+    tensor, whose every call waits for the descheduled second thread). Large reduced-precision tensors are upcast
+    chunk by chunk; small tensors are concatenated (grouped by trailing shape, so no per-tensor reshape is needed)
+    into the scratch buffer, upcast on the way, and reduced a batch at a time (thousands of them in a few calls).
     """
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
+    native = tensors[0].dtype == acc
+    if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
+        return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p, scratch)
     parts: list[Tensor] = []  # partials
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
+    direct: list[Tensor] = []
     for t in tensors:
         n = t.numel()
-        if n >= _SMALL:
+        if native and n >= _DIRECT:
+            direct.append(t)
+        elif n >= _SMALL:
             parts.append(_cpu_tensor_partial(t, p, scratch))
         elif n:
             d = t.dim()
@@ -212,25 +299,46 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
             torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
             parts.append(_partial(buf, p))
             start = end
+    if direct and p == 2.0 and _use_dot():
+        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
+    elif direct:
+        views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
+        parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
     if not parts:
         return torch.zeros((), dtype=acc)
-    return _finish(_merge(parts, p), p)
+    return _cpu_rescue_total(_merge(parts, p), tensors, p, scratch)
 
 
 def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> list[Tensor]:
-    """Per-tensor norms of a same-dtype CPU group: large tensors by the fast kernels, small ones by one foreach call."""
+    """Per-tensor norms of a same-dtype CPU group: one foreach call; large reduced-precision ones upcast in chunks."""
     acc = accumulation_dtype(tensors[0].dtype)
     out: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
-    small = []
+    small = []  # one foreach call: every float32/float64 tensor, and small reduced-precision ones
+    native = tensors[0].dtype == acc
     for i, t in enumerate(tensors):
         n = t.numel()
-        if n >= _SMALL or n == 0 or t.is_complex():
+        if (n >= _SMALL and not native) or n == 0 or t.is_complex():
             out[i] = _cpu_tensor_norm(t, p, scratch)
         else:
             small.append(i)
     if small:
-        for i, norm in zip(small, torch._foreach_norm([tensors[i] for i in small], p, dtype=acc)):
+        views: list[Tensor] = []
+        owner: list[int] = []
+        for k, i in enumerate(small):
+            t = tensors[i]
+            pieces = torch.split(t.reshape(-1), _SEG) if native and t.numel() > _SPLIT else (t,)
+            views.extend(pieces)
+            owner.extend([k] * len(pieces))
+        seg_norms = torch.stack(torch._foreach_norm(views, p, dtype=acc))
+        if len(views) > len(small):
+            index = torch.tensor(owner)
+            seg_norms = group_norms(seg_norms, index, len(small), p)
+        for i, norm in zip(small, seg_norms.unbind()):
             out[i] = norm
+    if not math.isinf(p):  # a CPU read: free
+        values = torch.stack(out).tolist()
+        if any(_suspect(v, p, acc) for v in values):
+            out = [_rescaled_norm(t, p, scratch) if _suspect(v, p, acc) else n for v, n, t in zip(values, out, tensors)]
     return out
 
 
@@ -253,15 +361,52 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
         if use_foreach(ts[0].device, foreach):
             norms = list(torch._foreach_norm(ts, p, dtype=acc))
         else:
-            norms = [torch.linalg.vector_norm(t, p, dtype=acc) for t in ts]
+            norms = [
+                torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc or t.is_complex() else acc) for t in ts
+            ]
         for i, norm in zip(nonempty, norms):
             out[i] = norm
-    zero = None
+    empty = None
     for i, n in enumerate(out):
         if n is None:
-            zero = zero if zero is not None else torch.zeros((), dtype=acc, device=tensors[i].device)
-            out[i] = zero
+            empty = empty if empty is not None else _empty_norm(p, acc, tensors[i].device)
+            out[i] = empty
     return out  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------- overflow fallback
+# The fast kernels accumulate p-th powers (squares for p = 2) in float32, which overflow once they pass 3.4e38 (a
+# single fp32 value of 3e19 has an infinite sum of squares) and lose precision once they fall below 1.2e-38
+# (subnormals: values of 1e-20 have an inaccurate norm, values of 1e-25 a norm of 0). When (and only when) a CPU
+# result comes out non-finite or below _TINY ** (1/p), it is recomputed here from the largest magnitude m:
+# ‖t‖_p = m ‖t / m‖_p, whose largest term is 1. Non-finite inputs give m = inf or NaN, and the result is m itself (the
+# true norm); so finite inputs up to the dtype maximum always give a finite, accurate norm. The common case pays one
+# host read of a CPU scalar (free on CPU).
+_TINY = {torch.float32: 1e-20, torch.float64: 1e-280}  # p-th powers summing below this may have lost precision
+
+
+def _suspect(value: float, p: float, acc: torch.dtype) -> bool:
+    """Whether a norm computed from p-th powers may have overflowed or underflowed."""
+    return not math.isfinite(value) or (p > 1 and value < _TINY[acc] ** (1.0 / p))
+def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
+    """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
+    acc = accumulation_dtype(t.dtype)
+    if t.numel() == 0:
+        return _empty_norm(p, acc)
+    if t.is_complex():
+        t = t.abs()
+    m = _cpu_tensor_norm(t, math.inf, scratch)
+    if not (math.isfinite(m.item()) and m.item() > 0):
+        return m  # inf, NaN or 0: exactly the norm
+    parts = [torch.linalg.vector_norm(c.to(acc, copy=True).div_(m), p) for c in torch.split(t.reshape(-1), _CHUNK)]
+    return _scaled_pnorm(torch.stack(parts), p) * m
+
+
+def _cpu_rescue_total(total: Tensor, tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
+    """``total`` if finite, else the overflow-free recomputation (see above)."""
+    if math.isinf(p) or not _suspect(total.item(), p, total.dtype):
+        return total
+    return combine_norms(torch.stack([_rescaled_norm(t, p, scratch).to(total.dtype) for t in tensors]), p)
 
 
 # ----------------------------------------------------------------------------------------------------- public
@@ -295,12 +440,13 @@ def tensor_norms(
     >>> N.tensor_norms([torch.tensor([3.0, 4.0]), torch.tensor([-2.0])], 2)
     tensor([5., 2.])
     """
-    p = check_norm_type(norm_type) if check else float(norm_type)
+    p = check_norm_type(norm_type, any_order=True) if check else float(norm_type)
     ts = check_tensors(tensors) if check else list(tensors)
     if not ts:
         return torch.zeros(0)
     sharded = _dtensor_groups(ts)
     if sharded is not None:
+        _check_reducible(p)
         ts, by_groups = sharded
         out_all = _local_tensor_norms(ts, p, foreach)
         for groups, idx in by_groups.items():
@@ -317,7 +463,10 @@ def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Ten
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        norms = _cpu_group_norms(group, p, scratch) if device.type == "cpu" else _device_group_norms(group, p, foreach)
+        if device.type == "cpu" and not (_exotic(p) or _compiling()):
+            norms = _cpu_group_norms(group, p, scratch)
+        else:
+            norms = _device_group_norms(group, p, None if device.type == "cpu" else foreach)
         for i, n in zip(idx, norms):
             out[i] = n
     return _stack_on(out, first)
@@ -343,15 +492,20 @@ def total_norm(
     >>> N.total_norm([torch.tensor([3.0]), torch.tensor([4.0])])
     tensor(5.)
     """
-    p = check_norm_type(norm_type) if check else float(norm_type)
+    p = check_norm_type(norm_type, any_order=True) if check else float(norm_type)
     ts = check_tensors(tensors) if check else list(tensors)
+    if process_group is not None:
+        _check_reducible(p)
     sharded = _dtensor_groups(ts) if ts else None
+    if sharded is not None:
+        _check_reducible(p)
     if sharded is None:
         total = _local_total(ts, p, foreach)
     else:
         local, by_groups = sharded
         in_groups = {i for idx in by_groups.values() for i in idx}
-        parts = [_local_total([t for i, t in enumerate(local) if i not in in_groups], p, foreach)]
+        rest = [t for i, t in enumerate(local) if i not in in_groups]
+        parts = [_local_total(rest, p, foreach)] if rest else []
         for groups, idx in by_groups.items():
             part = _local_total([local[i] for i in idx], p, foreach)
             parts.append(distributed.reduce_over_groups_(part, p, groups))
@@ -389,10 +543,11 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        if device.type == "cpu":
+        if device.type == "cpu" and not (_exotic(p) or _compiling()):
             parts.append(_cpu_group_total(group, p, scratch))
         else:
-            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, foreach)), p))
+            fe = None if device.type == "cpu" else foreach
+            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, fe)), p))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
 
 

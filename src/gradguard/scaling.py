@@ -16,6 +16,8 @@ host-device synchronisation is introduced.
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -26,7 +28,7 @@ from torch import Tensor
 from gradguard.distributed import dtensor_type
 from gradguard.norms import group_by_device_and_dtype, use_foreach
 
-__all__ = ["EPS", "clip_coefficient", "deferred_scale", "scale_", "scale_units_"]
+__all__ = ["EPS", "clip_coefficient", "clip_to_norm_", "deferred_scale", "scale_", "scale_units_"]
 
 EPS = 1e-6
 """Added to the norm before dividing, as in torch (``max_norm / (total_norm + 1e-6)``)."""
@@ -56,6 +58,35 @@ def deferred_scale() -> Iterator[list[tuple[Sequence[Tensor], Tensor]]]:
         _DEFERRED.reset(token)
 
 
+@torch.no_grad()
+def clip_to_norm_(tensors: Sequence[Tensor], max_norm: float, norm: Tensor, foreach: bool | None = None) -> None:
+    """Scale ``tensors`` in place by ``clip_coefficient(max_norm, norm)`` (``norm`` a 0-d tensor).
+
+    On CPU (not compiling) the coefficient is computed on the host from one read of ``norm``, and nothing is written
+    when it is 1: a handful of scalar tensor ops fewer, which is most of the cost for a few tiny tensors. Elsewhere
+    it is :func:`scale_` with the device coefficient (no host read).
+    """
+    if not tensors:
+        return
+    if not _on_host(norm, tensors):
+        scale_(tensors, clip_coefficient(max_norm, norm), foreach)
+        return
+    v = norm.item()
+    if not math.isfinite(v):
+        return
+    if norm.dtype == torch.float64:
+        c = min(max_norm / (v + EPS), 1.0)
+    else:  # float32 arithmetic, rounded as the tensor ops of clip_coefficient round it (exact emulation)
+        c = min(_f32(_f32(max_norm) / _f32(v + _f32(EPS))), 1.0)
+    if c < 1.0:  # a 0-d float32 factor, as torch: a host scalar would be rounded to fp16 (1e-8 -> 0) on some paths
+        _mul_groups(_locals(tensors), torch.tensor(c, dtype=norm.dtype), foreach)
+
+
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (a float64 sum or quotient of float32 values, rounded once, is the float32 result)."""
+    return float(struct.unpack("f", struct.pack("f", x))[0]) if math.isfinite(x) and abs(x) < 3.4e38 else x
+
+
 def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
     """DTensors replaced by their local shards (same storage), so scaling runs the plain kernels on each rank."""
     cls = dtensor_type()
@@ -65,7 +96,9 @@ def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 
 
 def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
-    return coef.is_cpu and all(t.is_cpu for t in tensors)
+    """Whether the coefficient may be read on the host: CPU only, and never while torch.compile traces (a read
+    would break the graph; the device path below has no branch on values)."""
+    return not torch.compiler.is_compiling() and coef.is_cpu and all(t.is_cpu for t in tensors)
 
 
 @torch.no_grad()

@@ -1,0 +1,116 @@
+"""Every norm order torch accepts (0, negative p, -inf as well as p > 0 and inf): gradguard against torch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import gradguard as gg
+import gradguard.norms as N
+from conftest import clone_params, make_params
+
+NEW_ORDERS = [0.0, -0.5, -1.0, -2.0, -math.inf]
+SHAPES = [(), (7,), (3, 5), (2, 3, 4, 2), (1,), (300, 300)]  # the last is above the CPU concatenation cutoff
+
+
+def _tol(dtype):
+    return {"rtol": 1e-5, "atol": 1e-30} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-300}
+
+
+@pytest.mark.parametrize("norm_type", NEW_ORDERS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("foreach", [None, False])
+@pytest.mark.parametrize("max_norm", [1e-3, 1e6])
+def test_clip_grad_norm_matches_torch(norm_type, dtype, foreach, max_norm):
+    params = make_params(SHAPES, dtype, none_at=(4,))
+    ref = clone_params(params)
+    ours = gg.clip_grad_norm_(params, max_norm, norm_type=norm_type, foreach=foreach)
+    theirs = torch.nn.utils.clip_grad_norm_(ref, max_norm, norm_type=norm_type, foreach=foreach)
+    assert ours.dtype == theirs.dtype == dtype
+    torch.testing.assert_close(ours, theirs, **_tol(dtype))
+    for p, q in zip(params, ref):
+        assert (p.grad is None) == (q.grad is None)
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **_tol(dtype))
+
+
+@pytest.mark.parametrize("norm_type", NEW_ORDERS)
+def test_get_total_norm_and_tensor_norms_match_torch(norm_type):
+    ts = [g for g in (torch.randn(s) for s in SHAPES)]
+    ts[2][1, 1] = 0.0  # a zero: the 0-norm counts it out, negative orders go to 0 for that tensor
+    torch.testing.assert_close(gg.get_total_norm(ts, norm_type), torch.nn.utils.get_total_norm(ts, norm_type))
+    per = N.tensor_norms(ts, norm_type)
+    torch.testing.assert_close(per, torch.stack([torch.linalg.vector_norm(t, norm_type) for t in ts]))
+
+
+def test_hand_computed_vectors():
+    g = [torch.tensor([0.0, 1.0, 2.0]), torch.tensor([0.0, 0.0]), torch.tensor([3.0, 0.0, 0.0, 5.0])]
+    # p = 0: per-tensor counts of non-zeros; the total is ‖(2, 0, 2)‖_0 = 2 (torch's definition, not 4)
+    assert N.tensor_norms(g, 0).tolist() == [2.0, 0.0, 2.0]
+    assert float(gg.get_total_norm(g, 0)) == 2.0 == float(torch.nn.utils.get_total_norm(g, 0))
+    # -inf: the smallest magnitude; any zero gives 0
+    assert float(gg.get_total_norm(g, -math.inf)) == 0.0
+    h = [torch.tensor([1.0, -2.0]), torch.tensor([-4.0])]
+    assert float(gg.get_total_norm(h, -math.inf)) == 1.0
+    # p = -1: (1/1 + 1/2 + 1/4)^-1 = 4/7
+    assert gg.get_total_norm(h, -1.0).item() == pytest.approx(4 / 7, rel=1e-7)
+    # p = -2: (1 + 1/4 + 1/16)^-1/2
+    assert gg.get_total_norm(h, -2).item() == pytest.approx((1 + 1 / 4 + 1 / 16) ** -0.5, rel=1e-7)
+    # clipping by the 0-norm: 2 tensors with a non-zero entry, max_norm 1 -> coefficient 1 / (2 + 1e-6)
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    params[0].grad, params[1].grad = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([4.0, 0.0])
+    assert float(gg.clip_grad_norm_(params, 1.0, 0)) == 2.0
+    torch.testing.assert_close(params[1].grad, torch.tensor([4.0 / (2 + 1e-6), 0.0]))
+
+
+@pytest.mark.parametrize("norm_type", NEW_ORDERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_against_float64(norm_type, dtype):
+    ts = [(torch.randn(s, dtype=torch.float64) * 100).to(dtype) for s in SHAPES]
+    ours = gg.get_total_norm(ts, norm_type)
+    assert ours.dtype == torch.float32
+    exact = torch.nn.utils.get_total_norm([t.double() for t in ts], norm_type)
+    fp32 = torch.nn.utils.get_total_norm([t.float() for t in ts], norm_type)  # torch on an fp32 copy
+    # negative orders sum |x|^p in float32, dominated by a few terms: as accurate as torch on an fp32 copy
+    rtol = 1e-5 if norm_type >= 0 or math.isinf(norm_type) else 1e-4
+    torch.testing.assert_close(ours.double(), exact, rtol=rtol, atol=0)
+    torch.testing.assert_close(ours, fp32, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("norm_type", [-1.0, -math.inf, 0.0])
+def test_empty_tensors_add_nothing(norm_type):
+    # torch raises for the negative orders on an empty tensor (no identity); gradguard leaves it out of the total
+    full = [torch.tensor([1.0, -2.0]), torch.tensor([-4.0, 0.5])]
+    with_empty = [full[0], torch.zeros(0), torch.zeros(3, 0), full[1]]
+    torch.testing.assert_close(gg.get_total_norm(with_empty, norm_type), torch.nn.utils.get_total_norm(full, norm_type))
+    per = N.tensor_norms(with_empty, norm_type)
+    assert per[1].item() == per[2].item() == (0.0 if norm_type == 0 else math.inf)
+    assert float(gg.get_total_norm([torch.zeros(0)], norm_type)) == (0.0 if norm_type == 0 else math.inf)
+    assert float(gg.get_total_norm([], norm_type)) == 0.0  # no tensors at all: 0, as in torch
+
+
+@pytest.mark.parametrize("norm_type", [0.0, -1.0, -math.inf])
+def test_nan_propagates_for_every_order(norm_type):
+    ts = [torch.tensor([1.0, math.nan]), torch.tensor([2.0])]
+    if norm_type == 0:  # NaN != 0 counts as non-zero: torch's 0-norm is finite here too
+        assert float(gg.get_total_norm(ts, norm_type)) == float(torch.nn.utils.get_total_norm(ts, norm_type))
+    else:
+        assert math.isnan(float(gg.get_total_norm(ts, norm_type)))
+
+
+def test_orders_that_cannot_be_reduced_across_ranks_are_refused(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        group = dist.new_group([0])
+        g = [torch.tensor([3.0, 4.0])]
+        for bad in (0.0, -math.inf):
+            with pytest.raises(ValueError, match="cannot be reduced across ranks.*norm_type > 0"):
+                N.total_norm(g, bad, process_group=group)
+        assert float(N.total_norm(g, -1.0, process_group=group)) == pytest.approx(1 / (1 / 3 + 1 / 4))
+        assert float(N.total_norm(g, 2.0, process_group=group)) == 5.0
+    finally:
+        dist.destroy_process_group()

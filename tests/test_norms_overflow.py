@@ -1,0 +1,151 @@
+"""Norms never overflow for finite gradients: any finite values up to the dtype maximum give a finite, accurate norm."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradguard as gg
+import gradguard.norms as N
+
+FP32_MAX = torch.finfo(torch.float32).max
+
+
+def _exact(ts, p):
+    flat = torch.cat([t.double().reshape(-1) for t in ts])
+    return float(torch.linalg.vector_norm(flat, p))
+
+
+def test_fp32_3e19_is_3e19_not_inf():
+    t = torch.tensor([3e19])
+    assert float(torch.dot(t, t)) == math.inf  # the fast kernel's sum of squares overflows
+    assert float(gg.get_total_norm([t])) == pytest.approx(3e19, rel=1e-6)
+    assert float(torch.nn.utils.get_total_norm([t])) == pytest.approx(3e19, rel=1e-6)  # torch agrees
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [3, 1000, 70_000, 300_000])  # concatenated small tensors, one-by-one and chunked upcasts
+def test_large_finite_gradients_give_a_finite_accurate_norm(dtype, n):
+    big = 2e19 if dtype != torch.float16 else 6e4
+    g = (torch.randn(n, dtype=torch.float64).clamp(-3, 3) * big / 3).to(dtype)
+    ts = [g, torch.ones(5, dtype=dtype)]
+    ours = gg.get_total_norm(ts)
+    assert math.isfinite(float(ours))
+    assert float(ours) == pytest.approx(_exact(ts, 2), rel=1e-6)
+    per = N.tensor_norms(ts)
+    assert float(per[0]) == pytest.approx(_exact([g], 2), rel=1e-6)
+
+
+def test_bf16_2e19_clips_instead_of_skipping():
+    params = [torch.zeros(1000, dtype=torch.bfloat16, requires_grad=True)]
+    params[0].grad = torch.full((1000,), 2e19, dtype=torch.bfloat16)
+    value = float(params[0].grad[0])
+    total = gg.clip_grad_norm_(params, 1.0)
+    assert float(total) == pytest.approx(value * math.sqrt(1000), rel=1e-6)
+    assert float(gg.get_total_norm([params[0].grad])) == pytest.approx(1.0, rel=1e-2)  # really clipped
+
+
+def test_up_to_the_dtype_maximum():
+    # nine values of 1e38: norm 3e38 < fp32 max; every square overflows fp32
+    ts = [torch.full((9,), 1e38)]
+    assert float(gg.get_total_norm(ts)) == pytest.approx(3e38, rel=1e-6)
+    ts = [torch.tensor([FP32_MAX]), torch.zeros(3)]
+    assert float(gg.get_total_norm(ts)) == pytest.approx(float(FP32_MAX), rel=1e-6)
+    assert float(gg.get_total_norm(ts, 3.0)) == pytest.approx(float(FP32_MAX), rel=1e-6)
+    # float64 overflows its own accumulation above 1e154
+    d = [torch.tensor([1e200, 1e200], dtype=torch.float64)]
+    assert float(gg.get_total_norm(d)) == pytest.approx(math.sqrt(2) * 1e200, rel=1e-12)
+    # a true norm above the dtype maximum is inf, as it must be
+    assert float(gg.get_total_norm([torch.full((4,), 3e38)])) == math.inf
+
+
+def test_combining_norms_does_not_overflow():
+    assert float(N.combine_norms(torch.tensor([3e19, 4e19]), 2.0)) == pytest.approx(5e19, rel=1e-6)
+    assert float(N.combine_norms(torch.tensor([3e30, 4e30]), 1.5)) == pytest.approx(
+        (3e30**1.5 + 4e30**1.5) ** (1 / 1.5), rel=1e-6
+    )
+    assert float(N.combine_norms(torch.tensor([0.0, 0.0]), 2.0)) == 0.0
+    assert math.isnan(float(N.combine_norms(torch.tensor([1.0, math.nan]), 2.0)))
+    assert float(N.combine_norms(torch.tensor([1.0, math.inf]), 2.0)) == math.inf
+
+
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+def test_nonfinite_gradients_still_give_nonfinite_norms(bad):
+    ts = [torch.tensor([3e19, bad]), torch.ones(70_000)]
+    total = float(gg.get_total_norm(ts))
+    assert math.isnan(total) if math.isnan(bad) else total == math.inf
+    assert not math.isfinite(float(N.tensor_norms(ts)[0]))
+
+
+@given(
+    exponent=st.integers(-30, 37),
+    sizes=st.lists(st.integers(1, 3000), min_size=1, max_size=6),
+    p=st.sampled_from([1.0, 2.0, 3.0, 0.5]),
+    seed=st.integers(0, 2**16),
+)
+def test_finite_inputs_any_magnitude_match_float64(exponent, sizes, p, seed):
+    g = torch.Generator().manual_seed(seed)
+    ts = [(torch.rand(n, generator=g, dtype=torch.float64) * 2 - 1).mul(10.0**exponent).float() for n in sizes]
+    exact = _exact(ts, p)
+    ours = float(gg.get_total_norm(ts, p))
+    rel = 1e-6 if p == 2 else 1e-5  # torch's own fp32 vector_norm for p != 2 is off by ~1e-6 at 3000 values
+    if exact < float(FP32_MAX) * (1 - 1e-5):
+        assert ours == pytest.approx(exact, rel=rel, abs=0)
+    per = N.tensor_norms(ts, p)
+    for t, n in zip(ts, per.tolist()):
+        e = _exact([t], p)
+        if e < float(FP32_MAX) * (1 - 1e-5):
+            assert n == pytest.approx(e, rel=rel, abs=0)
+
+
+@pytest.mark.parametrize("n", [10, 70_000])
+def test_tiny_gradients_do_not_underflow(n):
+    # squares of 1e-25 are 0 in float32: the fast sum of squares is 0; the norm must still be accurate
+    ts = [torch.full((n,), 1e-25), torch.full((3,), -2e-25)]
+    assert float(gg.get_total_norm(ts)) == pytest.approx(_exact(ts, 2), rel=1e-6)
+    assert N.tensor_norms(ts).tolist() == pytest.approx([_exact(ts[:1], 2), _exact(ts[1:], 2)], rel=1e-6)
+    b = [torch.full((n,), 1e-25, dtype=torch.bfloat16)]
+    assert float(gg.get_total_norm(b)) == pytest.approx(_exact(b, 2), rel=1e-6)
+    assert float(gg.get_total_norm([torch.zeros(n), torch.zeros(3)])) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("offset", "rel"), [(0.0, 2e-6), (50.0, 5e-6)])
+def test_long_tensors_are_accurate_where_torchs_kernel_is_not(dtype, offset, rel):
+    # torch's CPU fp32 norm kernel loses precision on long vectors (1e-4 here); the engine reduces 16K-value views and
+    # combines them: within 2e-6 of float64 on zero-mean data (1e-7 for fp32), 5e-6 when every value shares a large offset
+    g = (torch.randn(1 << 22, dtype=torch.float64) * 3e3 + offset).to(dtype)
+    ts = [g.view(1024, -1), torch.randn(300, dtype=torch.float64).to(dtype)]
+    exact = _exact(ts, 2)
+    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=rel)
+    assert float(N.tensor_norms(ts)[0]) == pytest.approx(_exact(ts[:1], 2), rel=rel)
+    if dtype == torch.float32:
+        torch_err = abs(float(torch.linalg.vector_norm(g)) - _exact([g], 2)) / _exact([g], 2)
+        assert torch_err > 10 * rel  # the point of the test: the plain kernel would fail it
+
+
+@pytest.fixture(params=[True, False], ids=["dot-kernels", "foreach-kernels"])
+def load_path(request):
+    """Run a test through both CPU kernel sets (BLAS dots, the default; views in one _foreach_norm)."""
+    before = N._KERNEL["dot"]
+    N._KERNEL["dot"] = request.param
+    yield request.param
+    N._KERNEL["dot"] = before
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_both_cpu_kernel_sets_agree_with_float64(load_path, dtype):
+    shapes = [(3000, 700), (50, 4000), (70_000,), (768,), (5,), (0,), (2_500_000,)]
+    ts = [(torch.randn(s, dtype=torch.float64) * 10).to(dtype) for s in shapes]
+    exact = _exact(ts, 2)
+    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=2e-6)
+    per = N.tensor_norms(ts).tolist()
+    assert per == pytest.approx([_exact([t], 2) for t in ts], rel=2e-6)
+    for p in (1.0, math.inf, 3.0):
+        assert float(gg.get_total_norm(ts, p)) == pytest.approx(_exact(ts, p), rel=1e-5)
+    big = [torch.full((200_000,), 3e19, dtype=dtype)]  # and the overflow rescue on both
+    assert float(gg.get_total_norm(big)) == pytest.approx(float(big[0][0]) * math.sqrt(200_000), rel=1e-5)
