@@ -308,7 +308,7 @@ def _explain_forward(
     )
 
 
-def _explain_backward(
+def _explain_backward(  # ~60 lines: a flat table of derivative rules, tried in order (mostly message text)
     op: str | None, node: str | None, nan: bool, scaled: bool, dtype: torch.dtype | None, facts: dict[str, Any]
 ) -> tuple[str, str]:
     """An autograd node turned finite values into NaN/Inf: the op's derivative rules, then overflow."""
