@@ -35,7 +35,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +162,20 @@ def _clipper(strategy: str) -> Clipper | None:
     return None
 
 
+@dataclass
+class _Seen:
+    """What one run has seen so far, filled in step by step by :func:`run_one` and its helpers."""
+
+    reasons: dict[str, int] = field(default_factory=dict)
+    nan_batch: int | None = None
+    diverged_at: int | None = None
+    nonfinite_diagnosis: str | None = None
+    spike_diagnosis: str | None = None
+
+
+_LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
 def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
             sinks: Sequence[str] = ("jsonl", "tensorboard"), tick: Callable[[], None] | None = None) -> RunSummary:
     """Train ``task`` with ``strategy`` for ``steps`` steps, recorded into ``log_dir``."""
@@ -171,12 +185,8 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
     data_gen = torch.Generator().manual_seed(seed)
     eval_x, eval_y = task.batch(torch.Generator().manual_seed(seed + 12345))
     clipper = _clipper(strategy)
-    loss_fn = nn.functional.mse_loss
-    diverged_at: int | None = None
-    nan_batch: int | None = None
-    reasons: dict[str, int] = {}
-    nonfinite_diagnosis: str | None = None
-    spike_diagnosis: str | None = None
+    loss_fn: _LossFn = nn.functional.mse_loss
+    seen = _Seen()
     per_layer_every = max(5, steps // 30)
     start = time.perf_counter()
     with Monitor(log_dir, per_layer_every=per_layer_every, sinks=tuple(sinks), overwrite=True,
@@ -185,54 +195,73 @@ def run_one(task: _Task, strategy: str, steps: int, seed: int, log_dir: Path,
                        max_consecutive_skips=20, monitor=monitor, verbose=False)
                  if strategy == "guard" else None)
         for step in range(1, steps + 1):
-            x, y = task.batch(data_gen)
-            if step % BAD_EVERY == 0:
-                y = y * BAD_SCALE  # a corrupt batch
-            if step == task.nan_step:  # a missing value in the input
-                x = x.clone()
-                x.view(-1)[3] = math.nan
-                nan_batch = step
-            reached_weights = True  # did this step's loss reach the weights?
+            x, y = _demo_batch(task, data_gen, step, seen)
+            loss: Tensor | None
             if guard is not None:
-
-                def closure(x: Tensor = x, y: Tensor = y) -> Tensor:
-                    return loss_fn(model(x), y)
-
-                report = guard.step(closure)
-                loss = report.loss
-                if report.skipped:
-                    reached_weights = False
-                    reasons[str(report.reason)] = reasons.get(str(report.reason), 0) + 1
-                    d = report.diagnosis
-                    if d is not None and d.event == "nonfinite" and nonfinite_diagnosis is None:
-                        nonfinite_diagnosis = str(d)
-                    elif d is not None and d.event != "nonfinite" and spike_diagnosis is None:
-                        spike_diagnosis = str(d)
+                loss, reached_weights = _guarded_step(guard, model, loss_fn, x, y, seen)
             else:
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
-                loss.backward()  # type: ignore[no-untyped-call]
-                if clipper is not None:
-                    stats = clipper(model)
-                else:  # no protection: only measure the norm, with the same engine
-                    grads = [p.grad for p in model.parameters() if p.grad is not None]
-                    stats = ClipStats.unclipped(norm=norms.total_norm(grads))
-                optimizer.step()
-                monitor.record(stats, loss=loss, lr=task.lr, model=model, step=step)
+                loss, reached_weights = _plain_step(model, optimizer, clipper, monitor, loss_fn, x, y, step, task.lr)
             if tick is not None:
                 tick()
-            if (diverged_at is None and reached_weights and loss is not None
+            if (seen.diverged_at is None and reached_weights and loss is not None
                     and not math.isfinite(float(loss.detach()))):  # CPU: a free read
-                diverged_at = step
-            if diverged_at is not None and step >= diverged_at + STOP_AFTER:
+                seen.diverged_at = step
+            if seen.diverged_at is not None and step >= seen.diverged_at + STOP_AFTER:
                 break  # the weights are NaN and stay NaN: nothing more to see
     wall = time.perf_counter() - start
     with torch.no_grad():
         final = float(loss_fn(model(eval_x), eval_y))
     s = summarize(load_run(log_dir))  # the numbers in the table are read back from what the Monitor wrote
     return RunSummary(task.name, strategy, int(s["steps"]), final, int(s["skipped"] or 0),
-                      float(s["clip_rate"] or 0.0), diverged_at, wall, reasons, str(log_dir), nan_batch,
-                      nonfinite_diagnosis or spike_diagnosis)
+                      float(s["clip_rate"] or 0.0), seen.diverged_at, wall, seen.reasons, str(log_dir),
+                      seen.nan_batch, seen.nonfinite_diagnosis or seen.spike_diagnosis)
+
+
+def _demo_batch(task: _Task, data_gen: torch.Generator, step: int, seen: _Seen) -> tuple[Tensor, Tensor]:
+    """The task's next batch, corrupted as the demo says: every ``BAD_EVERY``-th is scaled, ``nan_step`` has a NaN."""
+    x, y = task.batch(data_gen)
+    if step % BAD_EVERY == 0:
+        y = y * BAD_SCALE  # a corrupt batch
+    if step == task.nan_step:  # a missing value in the input
+        x = x.clone()
+        x.view(-1)[3] = math.nan
+        seen.nan_batch = step
+    return x, y
+
+
+def _guarded_step(guard: Guard, model: nn.Module, loss_fn: _LossFn, x: Tensor, y: Tensor,
+                  seen: _Seen) -> tuple[Tensor | None, bool]:
+    """One ``guard.step``; returns its loss and whether it reached the weights, noting a skip's reason/diagnosis."""
+
+    def closure() -> Tensor:
+        return loss_fn(model(x), y)
+
+    report = guard.step(closure)
+    if not report.skipped:
+        return report.loss, True
+    seen.reasons[str(report.reason)] = seen.reasons.get(str(report.reason), 0) + 1
+    d = report.diagnosis
+    if d is not None and d.event == "nonfinite" and seen.nonfinite_diagnosis is None:
+        seen.nonfinite_diagnosis = str(d)
+    elif d is not None and d.event != "nonfinite" and seen.spike_diagnosis is None:
+        seen.spike_diagnosis = str(d)
+    return report.loss, False
+
+
+def _plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, clipper: Clipper | None, monitor: Monitor,
+                loss_fn: _LossFn, x: Tensor, y: Tensor, step: int, lr: float) -> tuple[Tensor, bool]:
+    """One unguarded step (clipped when ``clipper`` is set), recorded; its loss always reaches the weights."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(model(x), y)
+    loss.backward()  # type: ignore[no-untyped-call]
+    if clipper is not None:
+        stats = clipper(model)
+    else:  # no protection: only measure the norm, with the same engine
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        stats = ClipStats.unclipped(norm=norms.total_norm(grads))
+    optimizer.step()
+    monitor.record(stats, loss=loss, lr=lr, model=model, step=step)
+    return loss, True
 
 
 def format_table(rows: Sequence[RunSummary]) -> str:
@@ -262,6 +291,30 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
              report: bool = True, progress: bool | None = None, echo: Callable[[str], Any] = print) -> list[RunSummary]:
     """Run the demo into ``out`` and return the summaries (see the module docstring)."""
     n = steps if steps is not None else (QUICK_STEPS if quick else FULL_STEPS)
+    root = _check_demo_args(n, seed, tasks, strategies, out)
+    sinks = _available_sinks(echo)
+    defs = _tasks(seed)
+    rows = _run_grid([defs[t] for t in tasks], strategies, n, seed, root, sinks, progress)
+    text = "\n\n".join([_data_line(n, [defs[t] for t in tasks]), format_table(rows), LEGEND, *_said(rows)])
+    echo(text)
+    (root / "summary.txt").write_text(text + "\n", encoding="utf-8")
+    records = [{**asdict(r), "final_loss": encode_number(r.final_loss)} for r in rows]
+    (root / "summary.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+    echo("")
+    echo(f"runs (metrics.jsonl + TensorBoard events; every skip with its diagnosis): {root}/<model>-<strategy>/")
+    if "tensorboard" in sinks:
+        echo(f"  tensorboard --logdir {root}")
+    if report:
+        _echo_report(root, echo)
+    echo("")
+    echo("To guard your own loop, add these lines (when report.skipped, guard.diagnosis says why):")
+    echo("\n".join("    " + line for line in YOUR_LOOP.splitlines()))
+    return rows
+
+
+def _check_demo_args(n: Any, seed: Any, tasks: Sequence[str], strategies: Sequence[str],
+                     out: str | os.PathLike[str]) -> Path:
+    """:func:`run_demo`'s argument checks, in order, before anything runs or is written; returns ``out``'s path."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"steps must be a positive integer, got {n!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -275,13 +328,22 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise ValueError(f"--out {str(root)!r} exists and is not a directory")
-    sinks: tuple[str, ...] = ("jsonl", "tensorboard")
+    return root
+
+
+def _available_sinks(echo: Callable[[str], Any]) -> tuple[str, ...]:
+    """JSONL and TensorBoard, or JSONL only (said through ``echo``) when tensorboard is not installed."""
     try:
         import tensorboard  # type: ignore[import-untyped]  # noqa: F401
     except ImportError:
-        sinks = ("jsonl",)
         echo('note: tensorboard is not installed, writing JSONL only (pip install "gradguard[tensorboard]")')
-    defs = _tasks(seed)
+        return ("jsonl",)
+    return ("jsonl", "tensorboard")
+
+
+def _run_grid(tasks: Sequence[_Task], strategies: Sequence[str], n: int, seed: int, root: Path,
+              sinks: Sequence[str], progress: bool | None) -> list[RunSummary]:
+    """Every task with every strategy, one thread, into ``root/<task>-<strategy>``, with an optional progress bar."""
     bar = _bar(len(tasks) * len(strategies) * n, progress)
     rows: list[RunSummary] = []
     threads = torch.get_num_threads()
@@ -290,37 +352,28 @@ def run_demo(out: str | os.PathLike[str] = "gradguard-demo", *, quick: bool = Fa
         for t in tasks:
             for s in strategies:
                 if bar is not None:
-                    bar.set_description(f"{t}/{s}")
+                    bar.set_description(f"{t.name}/{s}")
                 tick = bar.update if bar is not None else None
-                rows.append(run_one(defs[t], s, n, seed, root / f"{t}-{s}", sinks, tick=tick))
+                rows.append(run_one(t, s, n, seed, root / f"{t.name}-{s}", sinks, tick=tick))
                 if bar is not None and rows[-1].steps < n:
                     bar.update(n - rows[-1].steps)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
             bar.close()
-    text = "\n\n".join([_data_line(n, [defs[t] for t in tasks]), format_table(rows), LEGEND, *_said(rows)])
-    echo(text)
-    (root / "summary.txt").write_text(text + "\n", encoding="utf-8")
-    records = [{**asdict(r), "final_loss": encode_number(r.final_loss)} for r in rows]
-    (root / "summary.json").write_text(json.dumps(records, indent=1, allow_nan=False) + "\n", encoding="utf-8")
-    echo("")
-    echo(f"runs (metrics.jsonl + TensorBoard events; every skip with its diagnosis): {root}/<model>-<strategy>/")
-    if "tensorboard" in sinks:
-        echo(f"  tensorboard --logdir {root}")
-    if report:
-        try:
-            from gradguard.report import build_report
-
-            result = build_report(root, root / "report.html", title="gradguard demo: exploding gradients, "
-                                  "clipping and the Guard")
-            echo(f"report: {result.html}  ({len(result.images)} PNGs in {result.html.stem}_files/)")
-        except ImportError as e:
-            echo(f"no HTML report: {e}")
-    echo("")
-    echo("To guard your own loop, add these lines (when report.skipped, guard.diagnosis says why):")
-    echo("\n".join("    " + line for line in YOUR_LOOP.splitlines()))
     return rows
+
+
+def _echo_report(root: Path, echo: Callable[[str], Any]) -> None:
+    """Build ``root/report.html`` and say where it is (or why there is none: matplotlib missing)."""
+    try:
+        from gradguard.report import build_report
+
+        result = build_report(root, root / "report.html", title="gradguard demo: exploding gradients, "
+                              "clipping and the Guard")
+        echo(f"report: {result.html}  ({len(result.images)} PNGs in {result.html.stem}_files/)")
+    except ImportError as e:
+        echo(f"no HTML report: {e}")
 
 
 def _data_line(steps: int, tasks: Sequence[_Task]) -> str:

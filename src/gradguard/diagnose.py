@@ -221,15 +221,32 @@ def explain(
     """
     facts = facts or {}
     nan = value is not None and "nan" in value
-    base = _base(op)
     if stage == "input":
-        what = "NaN" if nan else "Inf" if value == "inf" else "NaN or Inf"
-        return (
-            f"the input batch already contains {what} values",
-            "check the data pipeline (normalisation, division by a zero std, corrupt samples); filter the batch with "
-            "torch.isfinite(x).all() or repair it with torch.nan_to_num",
-        )
-    if stage == "step" and facts.get("params_before"):
+        return _explain_input(value, nan)
+    if stage == "step":
+        return _explain_step(facts)
+    if stage == "backward" and scaled and not nan and not node:
+        return _scaled_overflow(dtype, node)
+    if value is None and op is None and node is None:  # not located: only the stage is known
+        return _explain_unlocated(stage)
+    if stage == "forward" or (stage == "backward" and not node and op):
+        return _explain_forward(stage, op, value, nan, dtype, facts)
+    return _explain_backward(op, node, nan, scaled, dtype, facts)
+
+
+def _explain_input(value: str | None, nan: bool) -> tuple[str, str]:
+    """The batch itself holds NaN/Inf."""
+    what = "NaN" if nan else "Inf" if value == "inf" else "NaN or Inf"
+    return (
+        f"the input batch already contains {what} values",
+        "check the data pipeline (normalisation, division by a zero std, corrupt samples); filter the batch with "
+        "torch.isfinite(x).all() or repair it with torch.nan_to_num",
+    )
+
+
+def _explain_step(facts: dict[str, Any]) -> tuple[str, str]:
+    """Gradients finite, parameters not: already bad before the step (``params_before``), or a too-large update."""
+    if facts.get("params_before"):
         return (
             "parameters (or buffers) were already non-finite before this step (a corrupt initialisation or "
             "checkpoint, an earlier unguarded update, BatchNorm running stats fed a bad batch): this step's data and "
@@ -237,53 +254,66 @@ def explain(
             "reload a good checkpoint or re-initialise; check torch.isfinite(t).all() for every parameter and "
             "buffer after loading (and after custom init code)",
         )
-    if stage == "step":
+    return (
+        "gradients were finite but the parameters became non-finite after optimizer.step(): the update was too "
+        "large",
+        "lower the learning rate (or warm it up), raise the optimizer's eps (e.g. Adam eps=1e-8 -> 1e-6 in fp16), "
+        "and clip gradients (gg.NormClip / a smaller max_norm)",
+    )
+
+
+def _explain_unlocated(stage: str) -> tuple[str, str]:
+    """Not located (no op, node or value): only the stage is known."""
+    if stage == "forward":
         return (
-            "gradients were finite but the parameters became non-finite after optimizer.step(): the update was too "
-            "large",
-            "lower the learning rate (or warm it up), raise the optimizer's eps (e.g. Adam eps=1e-8 -> 1e-6 in fp16), "
-            "and clip gradients (gg.NormClip / a smaller max_norm)",
+            "the loss is non-finite: the forward pass produced a NaN or Inf (log(0), a division by zero, an "
+            "out-of-domain input, an overflow)",
+            "name the op first (gg.locate_nonfinite); then keep its input in the domain: log(x.clamp_min(eps)), "
+            "y.clamp_min(eps) in a denominator, subtract the max before exp",
         )
+    return (
+        "the loss is finite but gradients are not: an infinite derivative (sqrt, log or a division at 0, "
+        "including in a branch torch.where discards), degenerate eigenvalues, or an overflow",
+        "name the op first (gg.locate_nonfinite); add eps / clamp at that op; clip gradients only if it is an "
+        "overflow (Inf): clipping cannot repair a NaN",
+    )
+
+
+def _explain_forward(
+    stage: str, op: str | None, value: str | None, nan: bool, dtype: torch.dtype | None, facts: dict[str, Any]
+) -> tuple[str, str]:
+    """A value produced by a forward op (or by an op outside any autograd node during backward)."""
     inf_op = facts.get("inf_op")
     nan_op = facts.get("nan_op")
-    if stage == "backward" and scaled and not nan and not node:
-        return _scaled_overflow(dtype, node)
-    if value is None and op is None and node is None:  # not located: only the stage is known
-        if stage == "forward":
-            return (
-                "the loss is non-finite: the forward pass produced a NaN or Inf (log(0), a division by zero, an "
-                "out-of-domain input, an overflow)",
-                "name the op first (gg.locate_nonfinite); then keep its input in the domain: log(x.clamp_min(eps)), "
-                "y.clamp_min(eps) in a denominator, subtract the max before exp",
-            )
-        return (
-            "the loss is finite but gradients are not: an infinite derivative (sqrt, log or a division at 0, "
-            "including in a branch torch.where discards), degenerate eigenvalues, or an overflow",
-            "name the op first (gg.locate_nonfinite); add eps / clamp at that op; clip gradients only if it is an "
-            "overflow (Inf): clipping cannot repair a NaN",
-        )
-    if stage == "forward" or (stage == "backward" and not node and op):
-        rule = _forward_rule(base, op, nan, dtype, facts)
-        if rule is not None:
-            then = f"; the Inf then became NaN in {nan_op}" if nan_op and "0 * log(0)" not in rule[0] else ""
-            if stage == "backward" and facts.get("discarded"):
-                return (rule[0] + then + "; the loss never saw it (a branch torch.where discards, a masked value), "
-                        "but the backward pass did",
-                        rule[1] + "; or apply the op to torch.where(cond, x, safe) (the 'double where')")
-            return rule[0] + then, rule[1]
-        if nan and inf_op:  # inf - inf, 0 * inf, inf / inf: the Inf is the root
-            cause, fix = _forward_rule(_base(inf_op), inf_op, False, facts.get("inf_dtype", dtype), {}) or (
-                f"{inf_op} produced an Inf", "")
-            return (f"{op} turned an Inf into NaN (inf - inf, 0 * inf or inf / inf); the Inf came from {inf_op}: "
-                    f"{cause}", fix or "keep the values finite where the Inf starts (clamp, eps, subtract the max)")
-        if not nan or value == "nan+inf":  # Inf (and NaN where Infs met, inside the op): an overflow
-            cause, fix = _overflow(op or "the forward pass", dtype)
-            return cause + (" (NaN where the Infs met)" if nan else ""), fix
-        return (
-            f"a NaN was produced in the forward pass{f' by {op}' if op else ''} from finite inputs",
-            "check that op's inputs at this step (out-of-domain values); clamp them into its domain",
-        )
-    # backward: an autograd node turned finite values into NaN/Inf
+    base = _base(op)
+    rule = _forward_rule(base, op, nan, dtype, facts)
+    if rule is not None:
+        then = f"; the Inf then became NaN in {nan_op}" if nan_op and "0 * log(0)" not in rule[0] else ""
+        if stage == "backward" and facts.get("discarded"):
+            return (rule[0] + then + "; the loss never saw it (a branch torch.where discards, a masked value), "
+                    "but the backward pass did",
+                    rule[1] + "; or apply the op to torch.where(cond, x, safe) (the 'double where')")
+        return rule[0] + then, rule[1]
+    if nan and inf_op:  # inf - inf, 0 * inf, inf / inf: the Inf is the root
+        cause, fix = _forward_rule(_base(inf_op), inf_op, False, facts.get("inf_dtype", dtype), {}) or (
+            f"{inf_op} produced an Inf", "")
+        return (f"{op} turned an Inf into NaN (inf - inf, 0 * inf or inf / inf); the Inf came from {inf_op}: "
+                f"{cause}", fix or "keep the values finite where the Inf starts (clamp, eps, subtract the max)")
+    if not nan or value == "nan+inf":  # Inf (and NaN where Infs met, inside the op): an overflow
+        cause, fix = _overflow(op or "the forward pass", dtype)
+        return cause + (" (NaN where the Infs met)" if nan else ""), fix
+    return (
+        f"a NaN was produced in the forward pass{f' by {op}' if op else ''} from finite inputs",
+        "check that op's inputs at this step (out-of-domain values); clamp them into its domain",
+    )
+
+
+def _explain_backward(  # ~60 lines: a flat table of derivative rules, tried in order (mostly message text)
+    op: str | None, node: str | None, nan: bool, scaled: bool, dtype: torch.dtype | None, facts: dict[str, Any]
+) -> tuple[str, str]:
+    """An autograd node turned finite values into NaN/Inf: the op's derivative rules, then overflow."""
+    inf_op = facts.get("inf_op")
+    base = _base(op)
     short = (node or "").removesuffix("0").removesuffix("1").removesuffix("2")
     short = short[: short.find("Backward")] if "Backward" in short else short
     if node and _EIG.match(node):
@@ -346,7 +376,7 @@ def explain(
     )
 
 
-def _forward_rule(
+def _forward_rule(  # noqa: PLR0912 - a flat table of independent op rules, tried in order
     base: str, op: str | None, nan: bool, dtype: torch.dtype | None, facts: dict[str, Any]
 ) -> tuple[str, str] | None:
     """The op-specific rules for a value produced in the forward pass; ``None`` when no rule fits."""
@@ -565,6 +595,18 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
             if made is not None:
                 self.node_op.setdefault(node_sequence_nr(fn), made)
 
+    def _input_records(self, flat: list[Any], op: str, module: str | None) -> list[int]:
+        """The records the op's tensor arguments came from, each once, in argument order."""
+        inputs: list[int] = []
+        for t in flat:
+            if isinstance(t, Tensor):
+                if not self.backward:
+                    self.note_node(t)
+                r = self.source(t, op, module)
+                if r is not None and r not in inputs:
+                    inputs.append(r)
+        return inputs
+
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         node = current_autograd_node() if self.backward else None
@@ -576,14 +618,7 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
             module = self.modules.stack[-1] if self.modules.stack else None
         op = str(func)
         flat = tree_flatten((args, kwargs))[0]
-        inputs: list[int] = []
-        for t in flat:
-            if isinstance(t, Tensor):
-                if not self.backward:
-                    self.note_node(t)
-                r = self.source(t, op, module)
-                if r is not None and r not in inputs:
-                    inputs.append(r)
+        inputs = self._input_records(flat, op, module)
         out = func(*args, **kwargs)
         packet = str(func.overloadpacket)
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
@@ -591,22 +626,7 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
             for t in outs:
                 self.made_by[t] = packet
             return out
-        written = outs
-        if func._schema.is_mutable:  # in-place / out=: the written arguments get a new record
-            written = []
-            for arg, val in zip(func._schema.arguments, args):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val])
-                                   if isinstance(v, Tensor))
-            for name in kwargs:
-                arg_ = next((a for a in func._schema.arguments if a.name == name), None)
-                if arg_ is not None and arg_.alias_info is not None and arg_.alias_info.is_write:
-                    val = kwargs[name]
-                    written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val])
-                                   if isinstance(v, Tensor))
-            # new outputs of a mutating op (native_batch_norm updates its running stats and returns a new output)
-            seen = [_storage_key(w) for w in written]
-            written.extend(t for t in outs if not any(k is not None and k is _storage_key(t) for k in seen))
+        written = _written_by(func, args, kwargs, outs) if func._schema.is_mutable else outs
         scalars = tuple(float(a) for a in flat if isinstance(a, (int, float)) and not isinstance(a, bool))
         first = next((t for t in flat if isinstance(t, Tensor)), None)
         uninit = op.startswith(_UNINITIALISED)
@@ -620,6 +640,22 @@ class _Locator(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 self.where[key] = r
             self.made_by[t] = packet
         return out
+
+
+def _written_by(func: Any, args: Any, kwargs: dict[str, Any], outs: list[Tensor]) -> list[Tensor]:
+    """The tensors a mutating op (in-place / ``out=``) writes: its written arguments (positional and keyword), then
+    its new outputs (native_batch_norm updates its running stats and returns a new output)."""
+    written: list[Tensor] = []
+    for arg, val in zip(func._schema.arguments, args):
+        if arg.alias_info is not None and arg.alias_info.is_write:
+            written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, Tensor))
+    for name, val in kwargs.items():
+        arg_ = next((a for a in func._schema.arguments if a.name == name), None)
+        if arg_ is not None and arg_.alias_info is not None and arg_.alias_info.is_write:
+            written.extend(v for v in (val if isinstance(val, (list, tuple)) else [val]) if isinstance(v, Tensor))
+    seen = [_storage_key(w) for w in written]
+    written.extend(t for t in outs if not any(k is not None and k is _storage_key(t) for k in seen))
+    return written
 
 
 class _Modules:
@@ -806,41 +842,18 @@ def locate_nonfinite(
     late: list[tuple[Tensor, Tensor | None]] = []
     for _, p in params:
         p.grad = None
-
-    def names(ps: list[tuple[str, Tensor]]) -> dict[int, str]:
-        return {id(k): n for n, p in ps if (k := _storage_key(p)) is not None}
-
     try:
         with torch.random.fork_rng(devices=_cuda_devices()), _module_tracking(model) as modules:
             named_buffers = list(model.named_buffers()) if model is not None else []
-            locator = _Locator(names(params + named_buffers), modules)  # a buffer (running stats) counts as state
+            locator = _Locator(_storage_names(params + named_buffers), modules)  # a buffer (running stats) is state
             with _NodeOwner(modules), locator:
                 loss = closure()
-            if model is None and modules.root is not None:  # name parameters after the root module the closure ran
-                params = list(modules.root.named_parameters())
-                named_buffers = list(modules.root.named_buffers())
-                locator.param_names.update(names(params + named_buffers))
-                for name, p in params + named_buffers:
-                    key = _storage_key(p)
-                    r = locator.where.get(key) if key is not None else None
-                    if r is not None and locator.recs[r].kind == "input":
-                        locator.recs[r].kind, locator.recs[r].name = "param", name
-            if model is None:  # leaf tensors the closure differentiates without a module
-                known = {id(p) for _, p in params}
-                params += [(f"<tensor {i}>", t) for i, t in enumerate(x for x in locator.leaves if id(x) not in known)]
+            if model is None:
+                params = _params_found_by_running(locator, modules, params)
             late = [(p, p.grad) for _, p in params[len(saved_grads):]]  # found by running: keep their gradients
             for p, _ in late:
                 p.grad = None
-            if not isinstance(loss, Tensor):
-                raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
-            loss_rec = locator.source(loss, None, None)  # an input record if no op produced it
-            if loss.grad_fn is not None and loss_rec is not None:
-                made = locator.made_by.get(loss)
-                if made is not None:
-                    locator.node_op.setdefault(node_sequence_nr(loss.grad_fn), made)
-            loss_flag = len(locator.flags)
-            locator.flags.append(_flags(loss.detach()) if _is_float(loss) and loss.numel() else
-                                 torch.zeros(2, dtype=torch.bool, device=loss.device))
+            loss_rec, loss_flag = _record_loss(locator, loss)
             if backward and loss.requires_grad:
                 locator.backward = True
                 with locator:
@@ -861,43 +874,90 @@ def locate_nonfinite(
                 b.copy_(s)
     graph = _Graph(locator.recs, flags)
     bad_params = tuple(n for (n, _), f in zip(with_grad, flags[grad_flags:]) if f[0] or f[1])
-    loss_nan, loss_inf = flags[loss_flag]
-    if loss_nan or loss_inf:
-        targets = [loss_rec] if loss_rec is not None else []
-        want_nan, stage = loss_nan, "forward"
-    elif bad_params:
-        bad = [(r, f) for r, f in zip(grad_recs, flags[grad_flags:]) if f[0] or f[1]]
-        targets = [r for r, _ in bad if r is not None]
-        want_nan, stage = any(f[0] for _, f in bad), "backward"
-    else:
+    failing = _failing(flags[loss_flag], loss_rec, flags[grad_flags:], grad_recs, bool(bad_params))
+    if failing is None:
         return None
+    targets, want_nan, stage = failing
     o = graph.origin(targets, want_nan)
     if o is None:  # the failing value's producer was not recorded: the first origin of the stage, as a fallback
         o = graph.first_origin(want_nan, "forward" if stage == "forward" else "backward")
     if o is None:
         cause, fix = explain(stage)
         return Diagnosis(stage, parameters=bad_params, cause=cause, fix=fix, step=step, located=True)
+    return _diagnose_origin(graph, locator, o, stage, want_nan, bad_params, loss_scale is not None, step)
+
+
+def _storage_names(ps: list[tuple[str, Tensor]]) -> dict[int, str]:
+    """Storage identity -> qualified name, for naming the records of parameters and buffers."""
+    return {id(k): n for n, p in ps if (k := _storage_key(p)) is not None}
+
+
+def _params_found_by_running(
+    locator: _Locator, modules: _Modules, params: list[tuple[str, Tensor]]
+) -> list[tuple[str, Tensor]]:
+    """Without ``model``: name parameters after the root module the closure ran (their ``input`` records become
+    ``param`` records), then add the leaf tensors the closure differentiates without a module."""
+    if modules.root is not None:
+        params = list(modules.root.named_parameters())
+        named_buffers = list(modules.root.named_buffers())
+        locator.param_names.update(_storage_names(params + named_buffers))
+        for name, p in params + named_buffers:
+            key = _storage_key(p)
+            r = locator.where.get(key) if key is not None else None
+            if r is not None and locator.recs[r].kind == "input":
+                locator.recs[r].kind, locator.recs[r].name = "param", name
+    known = {id(p) for _, p in params}
+    return params + [(f"<tensor {i}>", t) for i, t in enumerate(x for x in locator.leaves if id(x) not in known)]
+
+
+def _record_loss(locator: _Locator, loss: Any) -> tuple[int | None, int]:
+    """The loss's record (an input record if no op produced it) and the index of its flag; checks it is a tensor."""
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"locate_nonfinite: the closure must return the loss tensor, got {type(loss).__name__}")
+    loss_rec = locator.source(loss, None, None)  # an input record if no op produced it
+    if loss.grad_fn is not None and loss_rec is not None:
+        made = locator.made_by.get(loss)
+        if made is not None:
+            locator.node_op.setdefault(node_sequence_nr(loss.grad_fn), made)
+    loss_flag = len(locator.flags)
+    locator.flags.append(_flags(loss.detach()) if _is_float(loss) and loss.numel() else
+                         torch.zeros(2, dtype=torch.bool, device=loss.device))
+    return loss_rec, loss_flag
+
+
+def _failing(
+    loss_flags: tuple[bool, bool],
+    loss_rec: int | None,
+    grad_flags: list[tuple[bool, bool]],
+    grad_recs: list[int | None],
+    any_bad_grad: bool,
+) -> tuple[list[int], bool, str] | None:
+    """``(targets, want_nan, stage)``: the non-finite loss (``forward``), else the non-finite gradients
+    (``backward``); ``None`` when both are finite."""
+    loss_nan, loss_inf = loss_flags
+    if loss_nan or loss_inf:
+        return ([loss_rec] if loss_rec is not None else []), loss_nan, "forward"
+    if any_bad_grad:
+        bad = [(r, f) for r, f in zip(grad_recs, grad_flags) if f[0] or f[1]]
+        return [r for r, _ in bad if r is not None], any(f[0] for _, f in bad), "backward"
+    return None
+
+
+def _diagnose_origin(
+    graph: _Graph,
+    locator: _Locator,
+    o: int,
+    stage: str,
+    want_nan: bool,
+    bad_params: tuple[str, ...],
+    scaled: bool,
+    step: int | None,
+) -> Diagnosis:
+    """The :class:`Diagnosis` of origin record ``o``: follow a NaN back to its Inf, gather the facts, explain."""
     rec = locator.recs[o]
     facts: dict[str, Any] = {}
     if want_nan and rec.kind in ("forward", "backward"):  # a NaN made from an Inf: where did the Inf start?
-        inf_in = [i for i in rec.inputs if graph.inf(i)]
-        src = graph.origin(inf_in, nan=False) if inf_in else None
-        if src is not None:
-            srec = locator.recs[src]
-            # an Inf written on purpose (a -inf mask fill, where(..., -inf)) or one the forward pass discarded
-            # (it reached the NaN only through a backward op): the NaN is born where it was made
-            deliberate = any(math.isinf(x) for x in srec.scalars) or _base(rec.op) in _SOFTMAX
-            crossed = rec.kind == "backward" and srec.kind == "forward"
-            if srec.kind in ("input", "param") and not deliberate and _base(rec.op) not in _SOFTMAX:
-                o, rec = src, srec  # the batch (or a weight) held the Inf that became NaN
-            elif deliberate or crossed:
-                facts["inf_op"] = srec.op if srec.kind != "backward" else _op_of_node(locator, srec)
-                facts["inf_dtype"] = srec.dtype
-                if crossed:
-                    facts["discarded"] = True
-            else:  # an Inf computed on the same path (overflow, x / 0, log 0) then became NaN: blame the Inf
-                facts["nan_op"] = rec.op if rec.kind == "forward" else _op_of_node(locator, rec)
-                o, rec = src, srec
+        o, rec = _follow_inf(graph, locator, o, rec, facts)
     value = _value(graph.nan(o), graph.inf(o))
     if rec.kind == "param":
         cause, fix = explain("step", facts={"params_before": True})
@@ -905,6 +965,42 @@ def locate_nonfinite(
     if rec.kind == "input":
         cause, fix = explain("input", value=value)
         return Diagnosis("input", rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
+    _origin_facts(graph, locator, o, rec, stage, facts)
+    if rec.kind == "forward":
+        cause, fix = explain(stage, rec.op, None, value=value, dtype=rec.dtype, facts=facts, scaled=scaled)
+        return Diagnosis(stage, rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
+    fwd_op = _op_of_node(locator, rec)
+    cause, fix = explain("backward", fwd_op, rec.node, scaled=scaled, value=value, dtype=rec.dtype, facts=facts)
+    return Diagnosis("backward", rec.module, fwd_op, rec.node, bad_params, cause, fix, value, step, True)
+
+
+def _follow_inf(graph: _Graph, locator: _Locator, o: int, rec: _Rec, facts: dict[str, Any]) -> tuple[int, _Rec]:
+    """A NaN made from an Inf: the record to blame (the Inf's origin, or ``o`` itself), noting in ``facts`` where
+    the Inf started (``inf_op``, ``inf_dtype``, ``discarded``) or which op turned it into NaN (``nan_op``)."""
+    inf_in = [i for i in rec.inputs if graph.inf(i)]
+    src = graph.origin(inf_in, nan=False) if inf_in else None
+    if src is None:
+        return o, rec
+    srec = locator.recs[src]
+    # an Inf written on purpose (a -inf mask fill, where(..., -inf)) or one the forward pass discarded
+    # (it reached the NaN only through a backward op): the NaN is born where it was made
+    deliberate = any(math.isinf(x) for x in srec.scalars) or _base(rec.op) in _SOFTMAX
+    crossed = rec.kind == "backward" and srec.kind == "forward"
+    if srec.kind in ("input", "param") and not deliberate and _base(rec.op) not in _SOFTMAX:
+        return src, srec  # the batch (or a weight) held the Inf that became NaN
+    if deliberate or crossed:
+        facts["inf_op"] = srec.op if srec.kind != "backward" else _op_of_node(locator, srec)
+        facts["inf_dtype"] = srec.dtype
+        if crossed:
+            facts["discarded"] = True
+        return o, rec
+    # an Inf computed on the same path (overflow, x / 0, log 0) then became NaN: blame the Inf
+    facts["nan_op"] = rec.op if rec.kind == "forward" else _op_of_node(locator, rec)
+    return src, srec
+
+
+def _origin_facts(graph: _Graph, locator: _Locator, o: int, rec: _Rec, stage: str, facts: dict[str, Any]) -> None:
+    """What the rules of :func:`explain` need to know about an op's origin record, added to ``facts``."""
     base = _base(rec.op)
     arg = None  # the input at the edge of the domain: a denominator, a log or root argument
     if base in _DIVS and len(rec.inputs) >= 2 and rec.kind == "forward":
@@ -928,14 +1024,6 @@ def locate_nonfinite(
         facts["bw_op"] = base
         if base == "pow" and rec.scalars and rec.scalars[-1] >= 0:
             facts["bw_op"] = "mul"  # x ** (p - 1) with p - 1 >= 0 grows, it has no pole
-    if rec.kind == "forward":
-        cause, fix = explain(stage, rec.op, None, value=value, dtype=rec.dtype, facts=facts,
-                             scaled=loss_scale is not None)
-        return Diagnosis(stage, rec.module, rec.op, None, bad_params, cause, fix, value, step, True)
-    fwd_op = _op_of_node(locator, rec)
-    cause, fix = explain("backward", fwd_op, rec.node, scaled=loss_scale is not None, value=value, dtype=rec.dtype,
-                         facts=facts)
-    return Diagnosis("backward", rec.module, fwd_op, rec.node, bad_params, cause, fix, value, step, True)
 
 
 def _op_of_node(locator: _Locator, rec: _Rec) -> str | None:

@@ -276,23 +276,7 @@ def suggest_max_norm(
     steps = check_int(steps, "steps", low=1)
     percentile = check_number(percentile, "percentile", low=0.0, high=100.0, low_open=True)
     p = check_norm_type(norm_type)
-    if loss_fn is not None and not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
-    if callable(closure_or_batches) and not isinstance(closure_or_batches, nn.Module):
-        closure: Callable[[], Tensor] = closure_or_batches
-        if loss_fn is not None:
-            raise ValueError("loss_fn is only for batches; a closure already returns the loss")
-        source: Iterable[Any] = range(steps)
-        get_loss: Callable[[Any], Tensor] = lambda _: closure()  # noqa: E731
-    elif isinstance(closure_or_batches, Iterable) and not isinstance(closure_or_batches, (str, bytes, Tensor)):
-        source = islice(closure_or_batches, steps)
-        fn = loss_fn or _batch_loss
-        get_loss = lambda batch: fn(model, batch)  # noqa: E731
-    else:
-        raise TypeError(
-            "closure_or_batches must be a closure returning the loss or an iterable of batches, got "
-            f"{type(closure_or_batches).__name__}"
-        )
+    source, get_loss = _loss_source(model, closure_or_batches, steps, loss_fn)
     params = [q for group in optimizer.param_groups for q in group["params"]]
     if not params:
         raise ValueError("the optimizer has no parameters")
@@ -303,25 +287,12 @@ def suggest_max_norm(
     bar = _progress(steps, progress)
     try:
         for item in source:
-            optimizer.zero_grad(set_to_none=True)
-            loss = get_loss(item)
-            if not isinstance(loss, Tensor) or loss.numel() != 1:
-                raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__}"
-                                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
-            loss.backward()  # type: ignore[no-untyped-call]
-            grads = [q.grad for q in params if q.grad is not None]
-            if not grads:
-                raise RuntimeError("no parameter of the optimizer received a gradient; does the loss depend on the "
-                                   "model's parameters?")
-            total = norms.total_norm(grads, p)
-            both = torch.stack([total.float(), loss.detach().reshape(()).float().to(total.device)]).tolist()
-            norm_values.append(both[0])
-            losses.append(both[1])
-            if math.isfinite(both[0]) and math.isfinite(both[1]):
-                optimizer.step()  # unclipped, as training would run without gradguard
+            norm_v, loss_v = _measure_step(optimizer, params, get_loss, item, p)
+            norm_values.append(norm_v)
+            losses.append(loss_v)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(norm=f"{both[0]:.3g}", refresh=False)
+                bar.set_postfix(norm=f"{norm_v:.3g}", refresh=False)
     finally:
         if bar is not None:
             bar.close()
@@ -339,11 +310,68 @@ def suggest_max_norm(
     pct = {q: _percentile(finite, q) for q in PERCENTILES}
     max_norm = _percentile(finite, percentile)
     pct.setdefault(percentile, max_norm)
+    rule = f"max_norm = p{percentile:g} of the gradient norms of {len(norm_values)} unclipped steps"
+    reasoning = _reasoning(rule, len(norm_values), len(finite), pct, percentile, max_norm)
+    return Suggestion(
+        max_norm=max_norm, percentile=percentile, percentiles=pct, norms=tuple(norm_values), losses=tuple(losses),
+        nonfinite_steps=nonfinite, norm_type=p, rule=rule, reasoning=reasoning,
+    )
+
+
+def _loss_source(
+    model: nn.Module,
+    closure_or_batches: Callable[[], Tensor] | Iterable[Any],
+    steps: int,
+    loss_fn: Callable[[nn.Module, Any], Tensor] | None,
+) -> tuple[Iterable[Any], Callable[[Any], Tensor]]:
+    """What :func:`suggest_max_norm` iterates (``steps`` items at most) and how each item becomes a loss."""
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable (model, batch) -> loss, got {type(loss_fn).__name__}")
+    if callable(closure_or_batches) and not isinstance(closure_or_batches, nn.Module):
+        closure: Callable[[], Tensor] = closure_or_batches
+        if loss_fn is not None:
+            raise ValueError("loss_fn is only for batches; a closure already returns the loss")
+        return range(steps), lambda _: closure()
+    if isinstance(closure_or_batches, Iterable) and not isinstance(closure_or_batches, (str, bytes, Tensor)):
+        fn = loss_fn or _batch_loss
+        return islice(closure_or_batches, steps), lambda batch: fn(model, batch)
+    raise TypeError(
+        "closure_or_batches must be a closure returning the loss or an iterable of batches, got "
+        f"{type(closure_or_batches).__name__}"
+    )
+
+
+def _measure_step(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], get_loss: Callable[[Any], Tensor], item: Any,
+    p: float,
+) -> tuple[float, float]:
+    """One unclipped step on ``item``: ``(gradient norm, loss)``, read together in one host read; the optimizer
+    steps only when both are finite."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = get_loss(item)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise TypeError(f"the loss must be a one-element tensor, got {type(loss).__name__}"
+                        + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else ""))
+    loss.backward()  # type: ignore[no-untyped-call]
+    grads = [q.grad for q in params if q.grad is not None]
+    if not grads:
+        raise RuntimeError("no parameter of the optimizer received a gradient; does the loss depend on the "
+                           "model's parameters?")
+    total = norms.total_norm(grads, p)
+    both = torch.stack([total.float(), loss.detach().reshape(()).float().to(total.device)]).tolist()
+    if math.isfinite(both[0]) and math.isfinite(both[1]):
+        optimizer.step()  # unclipped, as training would run without gradguard
+    return both[0], both[1]
+
+
+def _reasoning(rule: str, n_steps: int, n_finite: int, pct: dict[float, float], percentile: float,
+               max_norm: float) -> str:
+    """The :attr:`Suggestion.reasoning` text: what was measured, the percentiles, the rule, and the tail's shape."""
+    nonfinite = n_steps - n_finite
     median = pct[50.0]
     spread = pct[100.0] / median if median > 0 else math.inf
-    rule = f"max_norm = p{percentile:g} of the gradient norms of {len(norm_values)} unclipped steps"
     lines = [
-        f"Measured {len(norm_values)} unclipped steps: {len(finite)} finite norms"
+        f"Measured {n_steps} unclipped steps: {n_finite} finite norms"
         + (f", {nonfinite} non-finite steps (not applied, excluded)" if nonfinite else "") + ".",
         "Percentiles: " + ", ".join(f"p{q:g}={v:.4g}" for q, v in pct.items() if q in PERCENTILES) + ".",
         f"Rule: {rule} = {max_norm:.4g}. Steps like ~{percentile:g}% of these pass unchanged; the larger ones "
@@ -359,7 +387,4 @@ def suggest_max_norm(
                      f"is also safe, so anything between the median ({median:.4g}) and this value is reasonable.")
     if nonfinite:
         lines.append("Clipping does not fix non-finite gradients: use gg.Guard to skip those steps.")
-    return Suggestion(
-        max_norm=max_norm, percentile=percentile, percentiles=pct, norms=tuple(norm_values), losses=tuple(losses),
-        nonfinite_steps=nonfinite, norm_type=p, rule=rule, reasoning="\n".join(lines),
-    )
+    return "\n".join(lines)

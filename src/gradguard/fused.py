@@ -166,26 +166,9 @@ def fused_clip_step(
         raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if isinstance(optimizer, torch.optim.LBFGS):
         raise TypeError("LBFGS needs a closure and keeps Python state; step it yourself after gg.clip_grad_norm_")
-    if isinstance(clipper, Clipper):
-        clip = clipper
-    elif isinstance(clipper, numbers.Real) and not isinstance(clipper, bool):
-        clip = NormClip(float(clipper))  # checks max_norm (ValueError naming it)
-    else:
-        raise TypeError(
-            f"clipper must be a gradguard Clipper (e.g. gg.NormClip(1.0)) or a number max_norm, got "
-            f"{type(clipper).__name__}"
-        )
-    if scaler is not None:
-        if not all(hasattr(scaler, a) for a in ("unscale_", "update", "is_enabled")):
-            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
-        if not scaler.is_enabled():
-            scaler = None
-    for attr in ("grad_scale", "found_inf"):
-        if getattr(optimizer, attr, None) is not None:
-            raise ValueError(
-                f"optimizer.{attr} is already set; fused_clip_step sets it for the step itself: delete it, and pass "
-                "a GradScaler as scaler= instead of driving the optimizer with it"
-            )
+    clip = _as_clipper(clipper)
+    scaler = _enabled_scaler(scaler)
+    _check_no_step_attrs(optimizer)
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     resolve_parameters(params)  # the optimizer's gradients: dense floating point (TypeError naming the parameter)
     if parameters is not None:
@@ -202,16 +185,7 @@ def fused_clip_step(
     grads = [p.grad for p in params]
     fold = fused and _foldable(clip) and all(g.dtype == torch.float32 for g in grads)  # type: ignore[union-attr]
     if fold:
-        with deferred_scale() as pending:
-            stats = clip(params if parameters is None else parameters)
-        if len(pending) > 1:  # impossible for the clippers _foldable accepts
-            raise RuntimeError(f"{clip!r} deferred {len(pending)} global factors; expected one (a gradguard bug)")
-        coef = None
-        if pending:
-            tensors, coef = pending[0]
-            if {id(t) for t in tensors} != {id(g) for g in grads} or len(tensors) != len(grads):
-                scale_(tensors, coef)  # not exactly the optimizer's gradients: write it, as the clipper would have
-                coef = None
+        stats, coef = _clip_deferred(clip, params if parameters is None else parameters, grads)
     else:
         stats = clip(params if parameters is None else parameters)
         coef = None
@@ -221,6 +195,53 @@ def fused_clip_step(
     else:
         _masked_step(optimizer, params, finite)
     return stats
+
+
+def _as_clipper(clipper: Clipper | float) -> Clipper:
+    """The clipper itself, or ``NormClip(max_norm)`` for a number (its ValueError names ``max_norm``)."""
+    if isinstance(clipper, Clipper):
+        return clipper
+    if isinstance(clipper, numbers.Real) and not isinstance(clipper, bool):
+        return NormClip(float(clipper))  # checks max_norm (ValueError naming it)
+    raise TypeError(
+        f"clipper must be a gradguard Clipper (e.g. gg.NormClip(1.0)) or a number max_norm, got "
+        f"{type(clipper).__name__}"
+    )
+
+
+def _enabled_scaler(scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+    """The scaler when it is an enabled GradScaler, ``None`` when absent or disabled; TypeError for anything else."""
+    if scaler is None:
+        return None
+    if not all(hasattr(scaler, a) for a in ("unscale_", "update", "is_enabled")):
+        raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+    return scaler if scaler.is_enabled() else None
+
+
+def _check_no_step_attrs(optimizer: torch.optim.Optimizer) -> None:
+    """``grad_scale`` / ``found_inf`` belong to fused_clip_step for the step: refuse an optimizer that has them set."""
+    for attr in ("grad_scale", "found_inf"):
+        if getattr(optimizer, attr, None) is not None:
+            raise ValueError(
+                f"optimizer.{attr} is already set; fused_clip_step sets it for the step itself: delete it, and pass "
+                "a GradScaler as scaler= instead of driving the optimizer with it"
+            )
+
+
+def _clip_deferred(clip: Clipper, parameters: Parameters, grads: list[Any]) -> tuple[ClipStats, Tensor | None]:
+    """Run ``clip`` with its global factor deferred: ``(stats, coef)``, ``coef`` the factor to fold into the step
+    (``None`` when there was none, or when it applied to other tensors than ``grads``: then it is written here)."""
+    with deferred_scale() as pending:
+        stats = clip(parameters)
+    if len(pending) > 1:  # impossible for the clippers _foldable accepts
+        raise RuntimeError(f"{clip!r} deferred {len(pending)} global factors; expected one (a gradguard bug)")
+    if not pending:
+        return stats, None
+    tensors, coef = pending[0]
+    if {id(t) for t in tensors} != {id(g) for g in grads} or len(tensors) != len(grads):
+        scale_(tensors, coef)  # not exactly the optimizer's gradients: write it, as the clipper would have
+        return stats, None
+    return stats, coef
 
 
 def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:

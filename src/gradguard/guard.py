@@ -523,25 +523,9 @@ class Guard(PolicyCounters):
         clipper_before = self.clipper.state_dict() if self.clipper is not None else None
         spikes_before = [d.state_dict() for d in (self._loss_spikes, self._norm_spikes) if d is not None]
         with torch.no_grad():
-            if self.clipper is not None:
-                stats = self.clipper(self.model)
-            else:
-                grads = [i.grad for i in resolve_parameters(self.model)]
-                norm = norms.total_norm(grads, 2.0, check=False, process_group=self.process_group) if grads else None
-                stats = ClipStats.unclipped(norm=norm, device=loss.device)
-            flags = [~torch.isfinite(loss), ~stats.finite]
+            stats = self._clip_or_measure(loss)
             check_params = self.check_params_every is not None and step % self.check_params_every == 0
-            flags.append(torch.zeros((), dtype=torch.bool, device=loss.device))
-            flags.append(self._loss_spikes(loss) if self._loss_spikes else torch.zeros_like(flags[0]))
-            flags.append(self._norm_spikes(stats.norm) if self._norm_spikes else torch.zeros_like(flags[0]))
-            if check_params:  # step first (backed up), check the weights, decide on everything at once
-                params = self._params()
-                self._backup.capture(params, self.optimizer)
-                self.optimizer.step()
-                flags[2] = ~torch.isfinite(norms.total_norm([p.detach() for p in params], 2.0, check=False))
-            decision = torch.stack([f.to(loss.device) for f in flags])
-            all_reduce_max_(decision)  # every rank of the world takes the same decision
-            bad = decision.tolist()  # the step's one host read
+            bad = self._decide(loss, stats, check_params)
         reason = next((r for r, b in zip(_REASONS, bad) if b), None)
         error: Exception | None = None
         if reason is None:
@@ -552,27 +536,8 @@ class Guard(PolicyCounters):
             self._commit()
             report = StepReport(step, loss, stats, False, None, learning_rate(self.optimizer))
         else:
-            blown: tuple[str, ...] = ()
-            if check_params:
-                blown = self._nonfinite_names(grads=False) if reason is Reason.NONFINITE_PARAMS else ()
-                self._backup.restore(self.optimizer)
-            diagnosis = self._diagnose(reason, closure, rng, blown, step, own_backward)
-            self.diagnosis = diagnosis
-            self._buffers.restore()  # the forward pass's BatchNorm statistics (and any buffer) are undone
-            if self.clipper is not None and clipper_before is not None:
-                self.clipper.load_state_dict(clipper_before)  # statistics commit only for applied steps
-            for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None),
-                                   spikes_before):
-                det.load_state_dict(before)
-            error = self.policy.reject(reason, diagnosis, stacklevel=3)  # points at the caller of guard.step
-            rolled_back = False
-            if error is None and self.on_nonfinite == "rollback":
-                self.rollback()
-                rolled_back = True
-            report = StepReport(step, loss, stats, True, reason.value, learning_rate(self.optimizer), diagnosis,
-                                rolled_back)
-            if self.scaler is not None:
-                self.scaler.update()  # also before raising: the scaler must be ready for the next step
+            report, error = self._refuse(reason, step, loss, stats, closure, rng, own_backward, check_params,
+                                         clipper_before, spikes_before)
         if self.monitor is not None:  # before the gradients of a bad step are dropped: per-layer norms show them
             self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
                                 lr=report.lr, model=self.model, diagnosis=report.diagnosis, step=report.step)
@@ -582,6 +547,69 @@ class Guard(PolicyCounters):
             if error is not None:
                 raise error
         return report
+
+    def _clip_or_measure(self, loss: Tensor) -> ClipStats:
+        """The clipper's stats, or (without a clipper) the unclipped total norm, on the device."""
+        if self.clipper is not None:
+            return self.clipper(self.model)
+        grads = [i.grad for i in resolve_parameters(self.model)]
+        norm = norms.total_norm(grads, 2.0, check=False, process_group=self.process_group) if grads else None
+        return ClipStats.unclipped(norm=norm, device=loss.device)
+
+    def _decide(self, loss: Tensor, stats: ClipStats, check_params: bool) -> list[bool]:
+        """Every skip flag, in ``_REASONS`` order, stacked and read in the step's one host read (max over ranks).
+        With ``check_params`` the optimizer steps first (backed up) so the weights can be checked too."""
+        flags = [~torch.isfinite(loss), ~stats.finite]
+        flags.append(torch.zeros((), dtype=torch.bool, device=loss.device))
+        flags.append(self._loss_spikes(loss) if self._loss_spikes else torch.zeros_like(flags[0]))
+        flags.append(self._norm_spikes(stats.norm) if self._norm_spikes else torch.zeros_like(flags[0]))
+        if check_params:  # step first (backed up), check the weights, decide on everything at once
+            params = self._params()
+            self._backup.capture(params, self.optimizer)
+            self.optimizer.step()
+            flags[2] = ~torch.isfinite(norms.total_norm([p.detach() for p in params], 2.0, check=False))
+        decision = torch.stack([f.to(loss.device) for f in flags])
+        all_reduce_max_(decision)  # every rank of the world takes the same decision
+        bad: list[bool] = decision.tolist()  # the step's one host read
+        return bad
+
+    def _refuse(
+        self,
+        reason: Reason,
+        step: int,
+        loss: Tensor,
+        stats: ClipStats,
+        closure: Callable[[], Tensor] | None,
+        rng: Any,
+        own_backward: bool,
+        check_params: bool,
+        clipper_before: dict[str, Any] | None,
+        spikes_before: list[dict[str, Any]],
+    ) -> tuple[StepReport, Exception | None]:
+        """A step not applied: undo the update (if already stepped) and the statistics, diagnose it, apply the
+        policy (the error to raise, or ``None``), and roll back when asked."""
+        blown: tuple[str, ...] = ()
+        if check_params:
+            blown = self._nonfinite_names(grads=False) if reason is Reason.NONFINITE_PARAMS else ()
+            self._backup.restore(self.optimizer)
+        diagnosis = self._diagnose(reason, closure, rng, blown, step, own_backward)
+        self.diagnosis = diagnosis
+        self._buffers.restore()  # the forward pass's BatchNorm statistics (and any buffer) are undone
+        if self.clipper is not None and clipper_before is not None:
+            self.clipper.load_state_dict(clipper_before)  # statistics commit only for applied steps
+        for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None),
+                               spikes_before):
+            det.load_state_dict(before)
+        error = self.policy.reject(reason, diagnosis, stacklevel=4)  # points at the caller of guard.step
+        rolled_back = False
+        if error is None and self.on_nonfinite == "rollback":
+            self.rollback()
+            rolled_back = True
+        report = StepReport(step, loss, stats, True, reason.value, learning_rate(self.optimizer), diagnosis,
+                            rolled_back)
+        if self.scaler is not None:
+            self.scaler.update()  # also before raising: the scaler must be ready for the next step
+        return report, error
 
     def _commit(self) -> None:
         if self.scheduler is not None:

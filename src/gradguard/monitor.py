@@ -548,6 +548,12 @@ def _sink_names(sinks: Iterable[str | Sink]) -> tuple[str, ...]:
 
 def _make_sinks(sinks: Any, wandb_kwargs: Mapping[str, Any] | None) -> list[Sink]:
     """Sink names and :class:`Sink` instances -> instances (optional dependencies checked here, nothing created)."""
+    items = _checked_sinks(sinks)
+    return [s if isinstance(s, Sink) else _builtin_sink(s, wandb_kwargs) for s in items]
+
+
+def _checked_sinks(sinks: Any) -> tuple[str | Sink, ...]:
+    """``sinks`` as a tuple, every entry a known name or a :class:`Sink`, none twice; checked whole, first."""
     if isinstance(sinks, (str, Sink)):
         sinks = (sinks,)
     if not isinstance(sinks, Iterable):
@@ -565,19 +571,18 @@ def _make_sinks(sinks: Any, wandb_kwargs: Mapping[str, Any] | None) -> list[Sink
     keys = [s if isinstance(s, str) else s.name for s in items if isinstance(s, str) or s.name]
     if len(set(keys)) != len(keys) or len({id(s) for s in items}) != len(items):
         raise ValueError(f"sinks lists a sink twice: {_sink_names(items)}")
-    made: list[Sink] = []
-    for s in items:
-        if isinstance(s, Sink):
-            made.append(s)
-        elif s == "jsonl":
-            made.append(JsonlSink())
-        elif s == "tensorboard":
-            made.append(TensorBoardSink())
-        elif s == "logging":
-            made.append(LoggingSink())
-        else:
-            made.append(WandbSink(**(wandb_kwargs or {})))
-    return made
+    return items
+
+
+def _builtin_sink(name: str, wandb_kwargs: Mapping[str, Any] | None) -> Sink:
+    """The built-in sink called ``name`` (one of ``SINKS``, already checked)."""
+    if name == "jsonl":
+        return JsonlSink()
+    if name == "tensorboard":
+        return TensorBoardSink()
+    if name == "logging":
+        return LoggingSink()
+    return WandbSink(**(wandb_kwargs or {}))
 
 
 # ------------------------------------------------------------------------------------------- on-device staging

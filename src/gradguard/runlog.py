@@ -450,6 +450,88 @@ def _reject_constant(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant)  # one decoder (json.loads with options builds one a call)
 
 
+class _RunReader:
+    """:func:`load_run`'s state between lines: the run so far, the last layer names (a ``layers`` record may say
+    "same as before"), and whether the ``end`` record was read (only a resumed run's ``meta`` may follow it)."""
+
+    def __init__(self, run: RunData) -> None:
+        self.run = run
+        self.last_names: tuple[str, ...] = ()
+        self.after_end = False
+
+    def read_line(self, raw: bytes, where: str, lineno: int) -> None:
+        """Decode one line (``where`` is ``path:line``) and add its record; blank and cut-short lines add nothing."""
+        ok, rec = _decode_line(raw, where, self.run.warnings)
+        if not ok:
+            return
+        kind = rec.get("type") if isinstance(rec, dict) else None
+        if not isinstance(kind, str) or kind not in RECORD_TYPES:
+            raise ReportError(f"{where}: not a gradguard record (expected an object with 'type' in "
+                              f"{RECORD_TYPES}, got {_short(rec)})")
+        if not self.run.meta and kind != "meta":
+            raise ReportError(f"{where}: the first line must be the 'meta' record; is this a gradguard "
+                              "metrics.jsonl?")
+        try:
+            self._add(kind, rec, where, lineno)
+        except _Bad as e:
+            raise ReportError(f"{where}: {kind} record, field {e.field!r}: {e.message}") from None
+
+    def _add(self, kind: str, rec: dict[str, Any], where: str, lineno: int) -> None:
+        run = self.run
+        if kind == "meta":
+            meta = _meta(rec)
+            if not run.meta:
+                run.meta = meta
+            elif meta.get("resumed") is True:
+                run.resumes.append({**meta, "line": lineno})
+                self.after_end = False
+            else:
+                raise _Bad("resumed", "a second 'meta' record must say \"resumed\": true (two runs "
+                           "were written into one file; give each run its own log_dir)")
+            return
+        if self.after_end:
+            raise ReportError(f"{where}: a {kind!r} record after the 'end' record; a resumed run "
+                              "starts with a 'meta' record with \"resumed\": true")
+        if kind == "step":
+            run.steps._append(rec)
+        elif kind == "layers":
+            layer = _layers(rec, self.last_names)
+            self.last_names = layer["names"]
+            run.layers.append(layer)
+        elif kind == "health":
+            run.health.append(_health(rec))
+        elif kind == "event":
+            run.events.append(_event(rec))
+        else:
+            run.end = _end(rec)
+            self.after_end = True
+
+
+def _decode_line(raw: bytes, where: str, warnings: list[str]) -> tuple[bool, Any]:
+    """``(True, value)`` for a line of JSON; ``(False, None)`` for a blank line or a last line cut short by a crash
+    (no trailing newline: noted in ``warnings``). Anything else that does not decode is a ReportError."""
+    complete = raw.endswith(b"\n")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if not complete:
+            warnings.append(f"{where}: last line cut short (the run crashed while writing it); ignored")
+            return False, None
+        raise ReportError(f"{where}: not UTF-8 text (byte {e.start + 1}: {e.reason}); is it a "
+                          "metrics.jsonl written by gg.Monitor?") from None
+    if not line.strip():
+        return False, None
+    try:
+        return True, _DECODER.decode(line)
+    except (ValueError, RecursionError) as e:
+        if not complete:
+            warnings.append(f"{where}: last line cut short (the run crashed while writing it); ignored")
+            return False, None
+        msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)[:200]
+        raise ReportError(f"{where}: not valid JSON ({msg}); the file is corrupt: remove or repair "
+                          "that line") from None
+
+
 def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunData:
     """Read ``run_dir/metrics.jsonl`` line by line into a :class:`RunData`.
 
@@ -462,71 +544,11 @@ def load_run(run_dir: str | os.PathLike[str], name: str | None = None) -> RunDat
     if not path.is_file():
         raise ReportError(f"{str(path)!r} does not exist; record a run with gg.Monitor({str(root)!r})")
     run = RunData(name=name or root.name or str(root), path=root, meta={})
-    last_names: tuple[str, ...] = ()
-    after_end = False
+    reader = _RunReader(run)
     try:
         with open(path, "rb") as f:  # bytes, split at b"\n" only, decoded line by line: errors name their line
             for lineno, raw in enumerate(f, start=1):
-                where = f"{path}:{lineno}"
-                complete = raw.endswith(b"\n")
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    if not complete:
-                        run.warnings.append(f"{where}: last line cut short (the run crashed while writing it); "
-                                            "ignored")
-                        continue
-                    raise ReportError(f"{where}: not UTF-8 text (byte {e.start + 1}: {e.reason}); is it a "
-                                      "metrics.jsonl written by gg.Monitor?") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = _DECODER.decode(line)
-                except (ValueError, RecursionError) as e:
-                    if not complete:
-                        run.warnings.append(f"{where}: last line cut short (the run crashed while writing it); "
-                                            "ignored")
-                        continue
-                    msg = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)[:200]
-                    raise ReportError(f"{where}: not valid JSON ({msg}); the file is corrupt: remove or repair "
-                                      "that line") from None
-                kind = rec.get("type") if isinstance(rec, dict) else None
-                if not isinstance(kind, str) or kind not in RECORD_TYPES:
-                    raise ReportError(f"{where}: not a gradguard record (expected an object with 'type' in "
-                                      f"{RECORD_TYPES}, got {_short(rec)})")
-                if not run.meta and kind != "meta":
-                    raise ReportError(f"{where}: the first line must be the 'meta' record; is this a gradguard "
-                                      "metrics.jsonl?")
-                try:
-                    if kind == "meta":
-                        meta = _meta(rec)
-                        if not run.meta:
-                            run.meta = meta
-                        elif meta.get("resumed") is True:
-                            run.resumes.append({**meta, "line": lineno})
-                            after_end = False
-                        else:
-                            raise _Bad("resumed", "a second 'meta' record must say \"resumed\": true (two runs "
-                                       "were written into one file; give each run its own log_dir)")
-                        continue
-                    if after_end:
-                        raise ReportError(f"{where}: a {kind!r} record after the 'end' record; a resumed run "
-                                          "starts with a 'meta' record with \"resumed\": true")
-                    if kind == "step":
-                        run.steps._append(rec)
-                    elif kind == "layers":
-                        layer = _layers(rec, last_names)
-                        last_names = layer["names"]
-                        run.layers.append(layer)
-                    elif kind == "health":
-                        run.health.append(_health(rec))
-                    elif kind == "event":
-                        run.events.append(_event(rec))
-                    else:
-                        run.end = _end(rec)
-                        after_end = True
-                except _Bad as e:
-                    raise ReportError(f"{where}: {kind} record, field {e.field!r}: {e.message}") from None
+                reader.read_line(raw, f"{path}:{lineno}", lineno)
     except OSError as e:
         raise ReportError(f"{str(path)!r} cannot be read: {e.strerror or e}") from None
     if not run.meta:

@@ -99,34 +99,7 @@ def resolve_parameters(parameters: Parameters, *, with_grad: bool = True) -> lis
     appear once. Unnamed tensors are named by position (``"0"``, ``"1"``, ...). With ``with_grad`` only parameters
     whose ``.grad`` is set are returned, and those gradients are checked (dense, floating point or complex).
     """
-    infos: list[ParamInfo] = []
-    if isinstance(parameters, nn.Module):
-        seen: set[int] = set()
-        for mod_name, mod in parameters.named_modules():
-            for p_name, p in mod.named_parameters(recurse=False):
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    infos.append(ParamInfo(f"{mod_name}.{p_name}" if mod_name else p_name, p, mod))
-    elif isinstance(parameters, Tensor):
-        infos.append(ParamInfo("0", parameters))
-    elif isinstance(parameters, Mapping):
-        infos = [ParamInfo(str(k), v) for k, v in parameters.items()]
-    elif isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes)):
-        for i, item in enumerate(parameters):
-            if isinstance(item, Tensor):
-                infos.append(ParamInfo(str(i), item))
-            elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                infos.append(ParamInfo(item[0], item[1]))
-            else:
-                raise TypeError(
-                    f"parameters[{i}] must be a tensor or a (name, tensor) pair, got {type(item).__name__}; pass "
-                    "a module, model.parameters() or model.named_parameters()"
-                )
-    else:
-        raise TypeError(
-            "parameters must be an nn.Module, a tensor, or an iterable of tensors or (name, tensor) pairs; "
-            f"got {type(parameters).__name__}"
-        )
+    infos = _collect_infos(parameters)
     for info in infos:
         if not isinstance(info.param, Tensor):
             raise TypeError(f"parameter {info.name!r} must be a torch.Tensor, got {type(info.param).__name__}")
@@ -138,6 +111,50 @@ def resolve_parameters(parameters: Parameters, *, with_grad: bool = True) -> lis
         g = info.grad
         if g.layout != torch.strided or g.dtype not in ok:
             check_gradient(g, f"the gradient of {info.name!r}")
+    return infos
+
+
+def _collect_infos(parameters: Parameters) -> list[ParamInfo]:
+    """Name every parameter of ``parameters`` (unchecked): the dispatch on its kind for :func:`resolve_parameters`."""
+    if isinstance(parameters, nn.Module):
+        return _module_infos(parameters)
+    if isinstance(parameters, Tensor):
+        return [ParamInfo("0", parameters)]
+    if isinstance(parameters, Mapping):
+        return [ParamInfo(str(k), v) for k, v in parameters.items()]
+    if isinstance(parameters, Iterable) and not isinstance(parameters, (str, bytes)):
+        return _iterable_infos(parameters)
+    raise TypeError(
+        "parameters must be an nn.Module, a tensor, or an iterable of tensors or (name, tensor) pairs; "
+        f"got {type(parameters).__name__}"
+    )
+
+
+def _module_infos(module: nn.Module) -> list[ParamInfo]:
+    """A module's parameters with qualified names and owning modules; a tied parameter appears once."""
+    infos: list[ParamInfo] = []
+    seen: set[int] = set()
+    for mod_name, mod in module.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                infos.append(ParamInfo(f"{mod_name}.{p_name}" if mod_name else p_name, p, mod))
+    return infos
+
+
+def _iterable_infos(parameters: Iterable[Any]) -> list[ParamInfo]:
+    """Tensors (named by position) or ``(name, tensor)`` pairs; anything else is a TypeError naming its index."""
+    infos: list[ParamInfo] = []
+    for i, item in enumerate(parameters):
+        if isinstance(item, Tensor):
+            infos.append(ParamInfo(str(i), item))
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+            infos.append(ParamInfo(item[0], item[1]))
+        else:
+            raise TypeError(
+                f"parameters[{i}] must be a tensor or a (name, tensor) pair, got {type(item).__name__}; pass "
+                "a module, model.parameters() or model.named_parameters()"
+            )
     return infos
 
 
