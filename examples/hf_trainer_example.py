@@ -2,7 +2,8 @@
 
 Nothing is downloaded: the model has random weights and the data are random token ids. The Trainer's own clipping
 is turned off (``max_grad_norm=0``) because the callback clips; with it on, the callback refuses to start. Step 3
-is poisoned with a NaN gradient (by a backward hook) to show the skip; the gradguard statistics appear in the Trainer's logs.
+is poisoned with a NaN gradient (by a backward hook) to show the skip; the gradguard statistics appear in the
+Trainer's logs.
 
     pip install "gradguard[transformers]"
     python examples/hf_trainer_example.py [--steps 12] [--out DIR]

@@ -266,7 +266,25 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     native = tensors[0].dtype == acc
     if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
         return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p, scratch)
-    parts: list[Tensor] = []  # partials
+    parts, by_rest, direct = _partition(tensors, p, native, scratch)
+    for rest, items in by_rest.items():
+        parts.extend(_concatenated_partials(rest, items, p, acc, scratch))
+    if direct and p == 2.0 and _use_dot():
+        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
+    elif direct:
+        views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
+        parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
+    if not parts:
+        return torch.zeros((), dtype=acc)
+    return _cpu_rescue_total(_merge(parts, p), tensors, p, scratch)
+
+
+def _partition(
+    tensors: list[Tensor], p: float, native: bool, scratch: _UpcastBuffer
+) -> tuple[list[Tensor], dict[object, list[tuple[Tensor, int]]], list[Tensor]]:
+    """Split a CPU group into the partials of large reduced-precision tensors (computed here), the small tensors by
+    trailing shape (to be concatenated), and the large native ones (reduced together)."""
+    parts: list[Tensor] = []
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
     direct: list[Tensor] = []
     for t in tensors:
@@ -278,35 +296,31 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
         elif n:
             d = t.dim()
             key = d if d < 2 else t.shape[1:]  # 0-d and 1-d tensors need no shape
-            items = by_rest.get(key)
-            if items is None:
-                by_rest[key] = [(t, n)]
-            else:
-                items.append((t, n))
-    for rest, items in by_rest.items():
-        if rest == 0:
-            parts.append(_partial(torch.stack([t for t, _ in items]).to(acc), p))
-            continue
-        shape = () if rest == 1 else tuple(rest)  # type: ignore[arg-type]
-        row = math.prod(shape)
-        start = 0
-        while start < len(items):
-            end, size = start, 0
-            while end < len(items) and (end == start or size + items[end][1] <= _CHUNK):
-                size += items[end][1]
-                end += 1
-            buf = scratch.get(size, acc)
-            torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
-            parts.append(_partial(buf, p))
-            start = end
-    if direct and p == 2.0 and _use_dot():
-        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
-    elif direct:
-        views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
-        parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
-    if not parts:
-        return torch.zeros((), dtype=acc)
-    return _cpu_rescue_total(_merge(parts, p), tensors, p, scratch)
+            by_rest.setdefault(key, []).append((t, n))
+    return parts, by_rest, direct
+
+
+def _concatenated_partials(
+    rest: object, items: list[tuple[Tensor, int]], p: float, acc: torch.dtype, scratch: _UpcastBuffer
+) -> list[Tensor]:
+    """Partials of small tensors sharing a trailing shape: concatenated into the scratch buffer (upcast on the way)
+    at most ``_CHUNK`` values at a time, one reduction per batch."""
+    if rest == 0:
+        return [_partial(torch.stack([t for t, _ in items]).to(acc), p)]
+    shape = () if rest == 1 else tuple(rest)  # type: ignore[arg-type]
+    row = math.prod(shape)
+    parts = []
+    start = 0
+    while start < len(items):
+        end, size = start, 0
+        while end < len(items) and (end == start or size + items[end][1] <= _CHUNK):
+            size += items[end][1]
+            end += 1
+        buf = scratch.get(size, acc)
+        torch.cat([t for t, _ in items[start:end]], out=buf.view(size // row, *shape))
+        parts.append(_partial(buf, p))
+        start = end
+    return parts
 
 
 def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> list[Tensor]:
