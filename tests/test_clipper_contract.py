@@ -321,21 +321,6 @@ def test_bad_state_dict_is_refused_before_anything_changes(name):
 
 
 # -------------------------------------------------------------------------------------------------- torch.compile
-def _innermost_gradguard_frame(error: Exception) -> str:
-    """``file:line in function`` of the innermost gradguard frame of a dynamo error's "from user code" trace."""
-    frames = re.findall(r'File "([^"]*gradguard[^"]*)", line (\d+), in (\w+)', str(error))
-    if not frames:
-        return ""
-    path, line, func = frames[-1]
-    return f"{path.split('src/')[-1]}:{line} in {func}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="scaling.scale_ (coef.item()/.tolist() on CPU) and scaling.scale_units_ ((smallest < 1).tolist()) read "
-    "the coefficient on the host; the norm engine's owner is making them trace (torch.compiler.is_compiling()). "
-    "When that lands this passes: remove this mark.",
-)
 def test_norm_engine_and_scaling_trace_fullgraph():
     from gradguard import functional, norms, scaling
 
@@ -365,13 +350,7 @@ def test_compiles_fullgraph_and_equals_eager(name):
     eager = _run(REGISTRY[name](), eager_model, seq)
     clipper = REGISTRY[name]()
     step = torch.compile(lambda: clipper(compiled_model), fullgraph=True, backend="aot_eager")
-    try:
-        compiled = _run(clipper, compiled_model, seq, call=step)
-    except (torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError) as e:
-        where = _innermost_gradguard_frame(e)
-        if not where or "clippers/" in where:
-            raise  # a graph break in a clipper is a failure
-        pytest.xfail(f"graph break outside clippers/ (the norm engine's owner is fixing it): {where}")
+    compiled = _run(clipper, compiled_model, seq, call=step)  # any graph break raises under fullgraph=True
     for i, (x, y) in enumerate(zip(eager, compiled)):
         for u, v in zip(x, y):
             torch.testing.assert_close(v, u, rtol=1e-6, atol=0, equal_nan=True, msg=f"step {i}")

@@ -110,7 +110,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
     """
     if not tensors:
         return
-    sink = _DEFERRED.get()
+    sink = None if torch.compiler.is_compiling() else _DEFERRED.get()  # a ContextVar does not trace
     if sink is not None and coef.dim() == 0:
         sink.append((tensors, coef))
         return
@@ -163,7 +163,7 @@ def scale_units_(views: Sequence[Tensor], coefs: Sequence[Tensor], smallest: Ten
     ``smallest[i]`` is ``coefs[i]``'s smallest factor: on CPU it is read once, for all views, and views whose
     factors are all 1 are not written; on accelerators every view is multiplied (no host read).
     """
-    on_host = smallest.is_cpu and all(v.is_cpu for v in views)
+    on_host = smallest.is_cpu and all(v.is_cpu for v in views) and not torch.compiler.is_compiling()
     needed = (smallest < 1).tolist() if on_host else [True] * len(views)
     for view, coef, need in zip(views, coefs, needed):
         if need:
