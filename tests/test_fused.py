@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import gradguard as gg
 from gradguard.fused import fused_clip_step, supports_fused_step
+from gradguard.norms import device_path
 from gradguard.scaling import clip_coefficient
 
 SHAPES = [(7, 5), (5,), (3, 4, 2), (1,)]
@@ -239,13 +240,14 @@ def _count_host_reads(monkeypatch):
 )
 def test_one_hundred_fused_steps_read_nothing_on_the_host(clipper, monkeypatch):
     """Every host read counted (aten._local_scalar_dense and the Tensor methods that read values) over 100 fused
-    AdamW steps from the very first, with clipped, unclipped and non-finite steps: none. The engine's CPU shortcut
-    (scale_ reads the coefficient to skip its write when it is 1) is not on this path."""
+    AdamW steps from the very first, with clipped, unclipped and non-finite steps: none, on the path every
+    accelerator takes (norms.device_path(); on CPU the engine's shortcuts — the overflow rescue decided on the host —
+    read values, which costs no synchronisation there)."""
     params, opt = make("AdamW", {})
     clip = clipper()
     batches = [grads_for(s, scale=1.0 if s % 3 else 4.0, bad=math.nan if s % 17 == 5 else None) for s in range(100)]
     calls = _count_host_reads(monkeypatch)
-    with _OpLog() as log:
+    with _OpLog() as log, device_path():  # the accelerator path (on CPU the engine may read to skip work)
         for gs in batches:
             for p, g in zip(params, gs):
                 p.grad = g
@@ -262,7 +264,7 @@ def test_fused_steps_with_a_grad_scaler_read_nothing_on_the_host(monkeypatch):
     clip = gg.ZClip(warmup_steps=4)
     batches = [grads_for(s, bad=math.inf if s % 9 == 4 else None) for s in range(40)]
     calls = _count_host_reads(monkeypatch)
-    with _OpLog() as log:
+    with _OpLog() as log, device_path():  # the accelerator path (on CPU the engine may read to skip work)
         for gs in batches:
             scale = scaler.scale(torch.ones(()))  # the scaled loss: its value is the scale, on the device
             for p, g in zip(params, gs):

@@ -578,7 +578,7 @@ def test_clipper_statistics_are_committed_only_for_applied_steps(make_clipper, f
     clip_before, guard_before = clone_state(guard.clipper.state_dict()), clone_state(guard.state_dict())
     x, y = batch(8)
     if fault == "nonfinite_params":
-        opt.param_groups[0]["lr"] = 1e38  # finite gradients (the clipper sees a finite norm), blown-up weights
+        opt.param_groups[0]["lr"] = math.inf  # finite gradients (the clipper sees a finite norm), blown-up weights (1e38 times a clipped gradient can stay finite)
         report = guard.step(lambda: loss_fn(model, x, y) * 1e3)
         opt.param_groups[0]["lr"] = 0.01
     else:

@@ -725,6 +725,7 @@ class _LayerProbe:
         return self.every is not None and step % self.every == 0
 
     @torch.no_grad()
+    @norms.device_path()  # no host read on any device (the engine's CPU shortcuts would read values)
     def measure(self, stats: ClipStats | None, model: nn.Module, step: int) -> tuple[tuple[str, ...], Tensor] | None:
         """``(names, [grad norm, param norm, update ratio] x layers)`` on the device, or None without gradients."""
         named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]

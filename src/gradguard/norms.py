@@ -49,7 +49,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
@@ -138,10 +140,30 @@ def _check_reducible(p: float) -> None:
         )
 
 
-def _compiling() -> bool:
-    """Whether torch.compile is tracing: then every path is the device path (no host reads, no Python branches on
-    values), so the trace has no graph break."""
-    return bool(torch.compiler.is_compiling())
+_DEVICE_PATH: ContextVar[bool] = ContextVar("gradguard_device_path", default=False)
+
+
+@contextmanager
+def device_path() -> Iterator[None]:
+    """Inside, CPU tensors take the accelerator path too: no host reads and no Python branches on values (the CPU
+    shortcuts — skipping a write when nothing clips, the overflow rescue decided on the host — are off).
+
+    :func:`gradguard.fused_clip_step` runs its clipper inside it, so its no-host-read promise holds on every device;
+    torch.compile tracing gets the same path automatically.
+    """
+    token = _DEVICE_PATH.set(True)
+    try:
+        yield
+    finally:
+        _DEVICE_PATH.reset(token)
+
+
+def host_reads_allowed() -> bool:
+    """Whether the CPU shortcuts may read values on the host: not while torch.compile traces (a read would break the
+    graph) and not inside :func:`device_path`."""
+    if torch.compiler.is_compiling():  # first: a ContextVar read does not trace
+        return False
+    return not _DEVICE_PATH.get()
 
 
 def _exotic(p: float) -> bool:
@@ -477,7 +499,7 @@ def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Ten
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        if device.type == "cpu" and not (_exotic(p) or _compiling()):
+        if device.type == "cpu" and host_reads_allowed() and not _exotic(p):
             norms = _cpu_group_norms(group, p, scratch)
         else:
             norms = _device_group_norms(group, p, None if device.type == "cpu" else foreach)
@@ -557,7 +579,7 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     scratch = _UpcastBuffer()
     for (device, _), idx in group_by_device_and_dtype(ts).items():
         group = [ts[i] for i in idx]
-        if device.type == "cpu" and not (_exotic(p) or _compiling()):
+        if device.type == "cpu" and host_reads_allowed() and not _exotic(p):
             parts.append(_cpu_group_total(group, p, scratch))
         else:
             fe = None if device.type == "cpu" else foreach

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gradguard.distributed import dtensor_type
-from gradguard.norms import group_by_device_and_dtype, use_foreach
+from gradguard.norms import group_by_device_and_dtype, host_reads_allowed, use_foreach
 
 __all__ = ["EPS", "clip_coefficient", "clip_to_norm_", "deferred_scale", "scale_", "scale_units_"]
 
@@ -98,7 +98,7 @@ def _locals(tensors: Sequence[Tensor]) -> Sequence[Tensor]:
 def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
     """Whether the coefficient may be read on the host: CPU only, and never while torch.compile traces (a read
     would break the graph; the device path below has no branch on values)."""
-    return not torch.compiler.is_compiling() and coef.is_cpu and all(t.is_cpu for t in tensors)
+    return host_reads_allowed() and coef.is_cpu and all(t.is_cpu for t in tensors)
 
 
 @torch.no_grad()
@@ -163,7 +163,7 @@ def scale_units_(views: Sequence[Tensor], coefs: Sequence[Tensor], smallest: Ten
     ``smallest[i]`` is ``coefs[i]``'s smallest factor: on CPU it is read once, for all views, and views whose
     factors are all 1 are not written; on accelerators every view is multiplied (no host read).
     """
-    on_host = smallest.is_cpu and all(v.is_cpu for v in views) and not torch.compiler.is_compiling()
+    on_host = smallest.is_cpu and all(v.is_cpu for v in views) and host_reads_allowed()
     needed = (smallest < 1).tolist() if on_host else [True] * len(views)
     for view, coef, need in zip(views, coefs, needed):
         if need:
