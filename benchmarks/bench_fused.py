@@ -24,32 +24,15 @@ the kernel's write-back, ``(step, grad_scale=1 - step) / read floor``. Medians o
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 import gradguard as gg
+from bench_clip import measure  # the one interleaved-rounds timer of the benchmarks
 from gradguard.fused import fused_clip_step
 from shapes import gpt2_small_shapes, resnet50
-
-
-def measure(contenders: dict[str, Callable[[], object]], restore: Callable[[], None], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {k: [] for k in contenders}
-    names = list(contenders)
-    for k in names:  # warm-up (also creates the optimizer state)
-        restore()
-        contenders[k]()
-    for r in range(rounds):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for k in order:
-            restore()
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
