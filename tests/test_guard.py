@@ -125,7 +125,7 @@ def test_faults_are_skipped_and_located(fault, policy):
         assert not guard.step(lambda: loss_fn(model, x, y)).skipped
     before_model, before_opt = clone_state(model.state_dict()), clone_state(opt.state_dict())
     before_sched = clone_state(sched.state_dict())
-    snapshot_model = clone_state(guard._snapshot["model"]) if policy == "rollback" else None
+    snapshot_model = clone_state(guard._snapshot.states["model"]) if policy == "rollback" else None
     model.fault = fault
     x, y = batch(99)
     report = guard.step(lambda: loss_fn(model, x, y))

@@ -6,17 +6,23 @@ that is not applied leaves the model and optimizer exactly as they were.
 * :class:`BufferBackup` — a copy of every registered buffer (BatchNorm running statistics, ``num_batches_tracked``),
   taken before the forward pass (memory: the buffer bytes, usually a tiny fraction of the parameters).
 * :func:`copy_state` — a detached deep copy of a nested ``state_dict`` on a chosen device (rollback snapshots).
+* :class:`Snapshot` — the state of every stateful part of a training run (model, optimizer, scaler, scheduler, EMA,
+  clipper), copied to a chosen device, for rollback (memory: one copy of each, held once).
+* :class:`RngState` — the random-number generators' states, to replay a step with the same draws (dropout masks) or
+  to put the stream back afterwards.
 """
 
 from __future__ import annotations
 
 import copy
+import random
+import sys
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BufferBackup", "StepBackup", "copy_state"]
+__all__ = ["BufferBackup", "RngState", "Snapshot", "StepBackup", "copy_state"]
 
 
 class StepBackup:
@@ -121,3 +127,49 @@ def copy_state(obj: Any, device: torch.device) -> Any:
     if isinstance(obj, (list, tuple)):
         return type(obj)(copy_state(v, device) for v in obj)
     return copy.deepcopy(obj)
+
+
+class RngState:
+    """The state of torch's CPU generator and of every initialised CUDA device's, and with ``python_and_numpy=True``
+    also Python's ``random`` and NumPy's global generator (when NumPy is imported), taken at construction.
+
+    :meth:`restore` puts them back, so what runs next draws the same random numbers as what ran after the capture.
+    """
+
+    def __init__(self, *, python_and_numpy: bool = False) -> None:
+        self.cpu = torch.get_rng_state()
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
+        self.cuda = torch.cuda.get_rng_state_all() if cuda else None  # type: ignore[no-untyped-call]
+        np = sys.modules.get("numpy") if python_and_numpy else None
+        self.python = random.getstate() if python_and_numpy else None
+        self.numpy = np.random.get_state() if np is not None else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)  # type: ignore[no-untyped-call]
+        if self.python is not None:
+            random.setstate(self.python)
+        np = sys.modules.get("numpy")
+        if np is not None and self.numpy is not None:
+            np.random.set_state(self.numpy)
+
+
+class Snapshot:
+    """A rollback point: the ``state_dict`` of each named part (anything with ``state_dict``/``load_state_dict``),
+    deep-copied with every tensor on ``device``. Taking a new one replaces the old (one copy held at a time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.states: dict[str, Any] | None = None
+
+    def take(self, parts: dict[str, Any]) -> None:
+        self.states = {name: copy_state(part.state_dict(), self.device) for name, part in parts.items()}
+
+    def restore(self, parts: dict[str, Any]) -> None:
+        """Load the saved state into each part that was saved (``RuntimeError`` when none was taken)."""
+        if self.states is None:
+            raise RuntimeError("no snapshot to roll back to: pass snapshot_every=N to Guard")
+        for name, part in parts.items():
+            if name in self.states:
+                part.load_state_dict(self.states[name])

@@ -27,8 +27,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import random
-import sys
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_norm_type
+from gradguard.backup import RngState
 from gradguard.clippers.norm import NormClip
 from gradguard.clippers.state import check_int, check_number
 
@@ -150,12 +149,7 @@ class _State:
                            if id(p) not in seen]
             self.tensors += [(p, p.detach().clone()) for p in opt_params if id(p) not in seen]
         self.optimizer = copy.deepcopy(optimizer.state_dict())  # state_dict() holds references: copy them
-        self.rng_cpu = torch.get_rng_state()
-        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()  # type: ignore[no-untyped-call]
-        self.rng_cuda = torch.cuda.get_rng_state_all() if cuda else None  # type: ignore[no-untyped-call]
-        self.rng_python = random.getstate()
-        np = sys.modules.get("numpy")
-        self.rng_numpy = np.random.get_state() if np is not None else None
+        self.rng = RngState(python_and_numpy=True)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         with torch.no_grad():
@@ -164,13 +158,7 @@ class _State:
             for p, g in self.grads:
                 p.grad = g
         optimizer.load_state_dict(self.optimizer)
-        torch.set_rng_state(self.rng_cpu)
-        if self.rng_cuda is not None:
-            torch.cuda.set_rng_state_all(self.rng_cuda)  # type: ignore[no-untyped-call]
-        random.setstate(self.rng_python)
-        np = sys.modules.get("numpy")
-        if np is not None and self.rng_numpy is not None:
-            np.random.set_state(self.rng_numpy)
+        self.rng.restore()
 
 
 def _model_tensors(model: nn.Module) -> list[Tensor]:

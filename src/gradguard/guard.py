@@ -38,7 +38,6 @@ Steps are numbered from 1: step 1 is the first step attempted (applied or not), 
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -50,13 +49,11 @@ from torch import Tensor, nn
 from gradguard import norms
 from gradguard._checks import check_monitor
 from gradguard._compat import already_unscaled
-from gradguard.backup import BufferBackup, StepBackup, copy_state
+from gradguard.backup import BufferBackup, RngState, Snapshot, StepBackup
 from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
 from gradguard.diagnose import (
     Diagnosis,
-    _rng_state,
-    _set_rng_state,
     explain,
     locate_nonfinite,
     nonfinite_names,
@@ -301,7 +298,7 @@ class Guard(PolicyCounters):
         self._backup = StepBackup()
         self._buffers = BufferBackup()
         self._buffers.capture(model)
-        self._snapshot: dict[str, Any] | None = None
+        self._snapshot = Snapshot(self.snapshot_device)
         self._snapshot_due = False  # set by load_state_dict: refresh the snapshot before the next step
         if self.snapshot_every is not None:
             self.snapshot()
@@ -357,7 +354,7 @@ class Guard(PolicyCounters):
         rng = None
         own_backward = False
         if closure is not None:
-            rng = _rng_state() if self.locate else None
+            rng = RngState() if self.locate else None
             self._buffers.capture(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             try:
@@ -373,20 +370,7 @@ class Guard(PolicyCounters):
 
     def snapshot(self) -> None:
         """Take a snapshot now (model, optimizer, scaler, scheduler, EMA, clipper) for ``"rollback"``."""
-        snap: dict[str, Any] = {
-            "model": copy_state(self.model.state_dict(), self.snapshot_device),
-            "optimizer": copy_state(self.optimizer.state_dict(), self.snapshot_device),
-        }
-        if self.scaler is not None:
-            snap["scaler"] = copy.deepcopy(self.scaler.state_dict())
-        if self.scheduler is not None and hasattr(self.scheduler, "state_dict"):
-            snap["scheduler"] = copy.deepcopy(self.scheduler.state_dict())
-        if isinstance(self.ema, nn.Module):
-            snap["ema"] = copy_state(self.ema.state_dict(), self.snapshot_device)
-        if self.clipper is not None:
-            snap["clipper"] = copy_state(self.clipper.state_dict(), self.snapshot_device)
-        snap["step"] = self.good_steps
-        self._snapshot = snap
+        self._snapshot.take(self._stateful_parts())
         self._snapshot_due = False
 
     def rollback(self) -> None:
@@ -395,19 +379,13 @@ class Guard(PolicyCounters):
         After :meth:`load_state_dict` and before the next step, the snapshot is the resumed state itself."""
         if self._snapshot_due:
             self.snapshot()
-        if self._snapshot is None:
-            raise RuntimeError("no snapshot to roll back to: pass snapshot_every=N to Guard")
-        snap = self._snapshot
-        self.model.load_state_dict(snap["model"])
-        self.optimizer.load_state_dict(snap["optimizer"])
-        if "scaler" in snap and self.scaler is not None:
-            self.scaler.load_state_dict(snap["scaler"])
-        if "scheduler" in snap and self.scheduler is not None:
-            self.scheduler.load_state_dict(snap["scheduler"])
-        if "ema" in snap and isinstance(self.ema, nn.Module):
-            self.ema.load_state_dict(snap["ema"])
-        if "clipper" in snap and self.clipper is not None:
-            self.clipper.load_state_dict(snap["clipper"])
+        self._snapshot.restore(self._stateful_parts())
+
+    def _stateful_parts(self) -> dict[str, Any]:
+        """What a rollback restores: every part of the run with a ``state_dict``."""
+        parts = {"model": self.model, "optimizer": self.optimizer, "scaler": self.scaler, "scheduler": self.scheduler,
+                 "ema": self.ema if isinstance(self.ema, nn.Module) else None, "clipper": self.clipper}
+        return {k: v for k, v in parts.items() if v is not None and hasattr(v, "state_dict")}
 
     def state_dict(self) -> dict[str, Any]:
         """What the Guard needs to resume exactly; the model, optimizer, scheduler and scaler are checkpointed as
@@ -649,15 +627,15 @@ class Guard(PolicyCounters):
             return Diagnosis("step", parameters=blown, cause=cause, fix=fix, step=step)
         located = None
         if closure is not None and self.locate:
-            after = _rng_state()
+            after = RngState()
             if rng is not None:
-                _set_rng_state(rng)  # the replay draws the same random numbers (dropout masks) as the step
+                rng.restore()  # the replay draws the same random numbers (dropout masks) as the step
             scale = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else None
             try:
                 located = locate_nonfinite(closure, self.model, backward=not own_backward, loss_scale=scale,
                                            step=step)
             finally:
-                _set_rng_state(after)  # and the stream continues as if there had been no replay
+                after.restore()  # and the stream continues as if there had been no replay
         if located is not None:
             return located
         if reason is Reason.NONFINITE_LOSS:
