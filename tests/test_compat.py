@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "gradguard"
 
 def test_no_module_but_compat_touches_torch_internals():
     private = re.compile(r"torch\._C\b|torch\.utils\._|torch\._(?!foreach_)[a-z]\w*|\._sequence_nr|_per_optimizer_states"
-                         r"|_ConvTransposeNd|_device_has_foreach_support")
+                         r"|_ConvTransposeNd|_device_has_foreach_support|_step_supports_amp_scaling")
     offenders = []
     for path in SRC.rglob("*.py"):
         if path.name == "_compat.py":
@@ -85,3 +85,10 @@ def test_already_unscaled_follows_the_scaler_stage():
     scaler.update()
     assert not _compat.already_unscaled(scaler, opt)
     assert not _compat.already_unscaled(object(), opt)  # another scaler implementation
+
+
+def test_optimizer_skips_in_kernel():
+    w = [torch.nn.Parameter(torch.ones(2))]
+    assert _compat.optimizer_skips_in_kernel(torch.optim.AdamW(w, fused=True))
+    assert not _compat.optimizer_skips_in_kernel(torch.optim.AdamW(w))
+    assert not _compat.optimizer_skips_in_kernel(torch.optim.RMSprop(w))

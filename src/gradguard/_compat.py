@@ -26,6 +26,7 @@ __all__ = [
     "device_has_foreach_support",
     "has_composite_implicit_kernel",
     "node_sequence_nr",
+    "optimizer_skips_in_kernel",
     "tree_flatten",
 ]
 
@@ -79,6 +80,13 @@ def has_composite_implicit_kernel(op_name: str) -> bool:
         return bool(check(op_name, "CompositeImplicitAutograd"))
     except RuntimeError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------------- optimizers
+def optimizer_skips_in_kernel(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step`` accepts ``grad_scale`` / ``found_inf`` and applies them inside its kernel (torch marks
+    such optimizers — the fused Adam, AdamW, SGD, Adagrad — with a private flag that GradScaler reads too)."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
 
 
 # ---------------------------------------------------------------------------------------------------- GradScaler

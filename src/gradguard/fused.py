@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard._compat import already_unscaled
+from gradguard._compat import already_unscaled, optimizer_skips_in_kernel
 from gradguard.backup import StepBackup
 from gradguard.clippers.adagc import AdaGC
 from gradguard.clippers.agc import AGC
@@ -87,7 +87,7 @@ def supports_fused_step(optimizer: torch.optim.Optimizer) -> bool:
     ``fused=True`` (every parameter group fused)."""
     return (
         isinstance(optimizer, _FUSED)
-        and bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+        and optimizer_skips_in_kernel(optimizer)
         and all(bool(g.get("fused")) for g in optimizer.param_groups)
     )
 
