@@ -875,3 +875,35 @@ def test_spike_detector_state_is_validated_whole_before_anything_changes():
     fresh.load_state_dict(before)
     assert bool(fresh(torch.tensor(100.0))) and not bool(det(torch.tensor(2.5)))
     assert bool(det(torch.tensor(100.0)))  # the loaded copy and the original agree
+
+
+def test_an_exception_inside_a_scaled_step_does_not_leave_the_scaler_unscaled():
+    """A clipper that raises after unscale_: the next step must unscale its own gradients (not take the scaled ones
+    for unscaled because the scaler still says UNSCALED)."""
+
+    class Flaky(gg.NormClip):
+        calls = 0
+
+        def clip(self, params):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("boom")
+            return super().clip(params)
+
+    torch.manual_seed(0)
+    m = nn.Linear(3, 1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    guard = gg.Guard(m, opt, clipper=Flaky(1e9), scaler=scaler, verbose=False, check_params_every=None)
+    x = torch.ones(2, 3)
+    with pytest.raises(RuntimeError, match="boom"):
+        guard.step(lambda: m(x).sum())
+    report = guard.step(lambda: m(x).sum())
+    assert float(report.norm) == pytest.approx(4.0)  # d(sum)/dw = [2, 2, 2], d/db = 2: the unscaled norm, not 4096
+    assert not report.skipped
+
+
+def test_a_bad_snapshot_device_is_a_clear_error():
+    model, opt = make()
+    with pytest.raises(ValueError, match="snapshot_device must name a device"):
+        gg.Guard(model, opt, clipper=gg.NormClip(1.0), snapshot_device="bogus")

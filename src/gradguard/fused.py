@@ -306,7 +306,9 @@ def _masked_restore(backup: StepBackup, optimizer: torch.optim.Optimizer, finite
     def select(new: Tensor, old: Tensor) -> Tensor:
         flag = ok.get(new.device)
         if flag is None:
-            flag = ok[new.device] = finite.to(new.device, non_blocking=True)
+            # to an accelerator: asynchronous; to the CPU (e.g. Adam's CPU `step` counters beside CUDA parameters): a
+            # blocking copy, since the CPU would otherwise read the flag before the copy lands
+            flag = ok[new.device] = finite.to(new.device, non_blocking=new.device.type != "cpu")
         return torch.where(flag, new, old)
 
     n = len(backup.params)

@@ -276,6 +276,12 @@ class Guard(PolicyCounters):
             raise TypeError("ema must have update_parameters(model) (e.g. torch.optim.swa_utils.AveragedModel)")
         check_process_group(process_group)
         _check_ownership(model, optimizer)
+        try:
+            device = torch.device(snapshot_device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(
+                f"snapshot_device must name a device (e.g. 'cpu' or 'cuda:0'), got {snapshot_device!r}"
+            ) from e
         loss_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
         norm_spikes = None if spike_z is None else SpikeDetector(spike_z, spike_window)
         if clipper is not None and process_group is not None:
@@ -289,7 +295,7 @@ class Guard(PolicyCounters):
         self.monitor = monitor
         self.ema = ema
         self.locate = locate
-        self.snapshot_device = torch.device(snapshot_device)
+        self.snapshot_device = device
         self.process_group = process_group
         self._loss_spikes = loss_spikes
         self._norm_spikes = norm_spikes
@@ -366,7 +372,17 @@ class Guard(PolicyCounters):
                 raise
         losses, self._pending_loss = self._pending_loss, []
         loss = losses[0] if len(losses) == 1 else torch.stack(losses).sum()
-        return self._step(loss, closure, rng, own_backward)
+        try:
+            return self._step(loss, closure, rng, own_backward)
+        except BaseException:
+            self._abandon_scaler_step()
+            raise
+
+    def _abandon_scaler_step(self) -> None:
+        """After an exception inside a step: a GradScaler left unscaled (``unscale_`` done, ``update`` not) is
+        updated, so the next step unscales its own gradients instead of taking them as already unscaled."""
+        if self.scaler is not None and self.scaler.is_enabled() and already_unscaled(self.scaler, self.optimizer):
+            self.scaler.update()
 
     def snapshot(self) -> None:
         """Take a snapshot now (model, optimizer, scaler, scheduler, EMA, clipper) for ``"rollback"``."""

@@ -588,7 +588,7 @@ def _builtin_sink(name: str, wandb_kwargs: Mapping[str, Any] | None) -> Sink:
 # ------------------------------------------------------------------------------------------- on-device staging
 def _scalar(x: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
     x = x.detach().reshape(())
-    return x.to(device=device, dtype=dtype, non_blocking=True)
+    return x.to(device=device, dtype=dtype, non_blocking=device.type != "cpu")
 
 
 def _wide(device: torch.device) -> torch.dtype:

@@ -592,9 +592,9 @@ def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
     v0 = values[0]
     if all(v.dtype == v0.dtype and v.device == v0.device for v in values):  # one group: the common case
         stacked = torch.stack(values)
-        return stacked if v0.device == device else stacked.to(device, non_blocking=True)
+        return stacked if v0.device == device else stacked.to(device, non_blocking=device.type != "cpu")
     dtype = torch.float64 if any(v.dtype == torch.float64 for v in values) else torch.float32
-    return torch.stack([v.to(device=device, dtype=dtype, non_blocking=True) for v in values])
+    return torch.stack([v.to(device=device, dtype=dtype, non_blocking=device.type != "cpu") for v in values])
 
 
 def unit_norms(

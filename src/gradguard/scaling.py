@@ -132,7 +132,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
     if per_tensor:
         for (device, _), idx in group_by_device_and_dtype(tensors).items():
             ts = [tensors[i] for i in idx]
-            cs = list(coef.to(device, non_blocking=True)[idx].unbind())
+            cs = list(coef.to(device, non_blocking=device.type != "cpu")[idx].unbind())
             if use_foreach(device, foreach):
                 torch._foreach_mul_(ts, cs)
             else:
@@ -147,7 +147,7 @@ def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None) -
     for (device, _), idx in group_by_device_and_dtype(tensors).items():
         c = coefs.get(device)
         if c is None:
-            c = coefs[device] = coef.to(device, non_blocking=True)
+            c = coefs[device] = coef.to(device, non_blocking=device.type != "cpu")
         ts = [tensors[i] for i in idx]
         if use_foreach(device, foreach):
             torch._foreach_mul_(ts, c)
@@ -167,4 +167,4 @@ def scale_units_(views: Sequence[Tensor], coefs: Sequence[Tensor], smallest: Ten
     needed = (smallest < 1).tolist() if on_host else [True] * len(views)
     for view, coef, need in zip(views, coefs, needed):
         if need:
-            view.mul_(coef.to(view.device, non_blocking=True))
+            view.mul_(coef.to(view.device, non_blocking=view.device.type != "cpu"))
