@@ -19,7 +19,9 @@ never hold a non-finite value.
 A step that is not applied (skipped, or undone) changes nothing: besides the weights and the optimizer state, the
 model's buffers (BatchNorm's running statistics and ``num_batches_tracked``, any registered buffer) are put back as
 they were before the step's forward pass, and the clipper's and spike detectors' statistics are committed only for
-applied steps. The buffers are copied once per step (they are small; the parameters are not copied for this).
+applied steps. The buffers are copied before the closure runs, and again after each step for a following
+``backward(); step()`` (whose forward pass the Guard does not see); they are small, and the parameters are not copied
+for this.
 
 Closures: both conventions work. A closure that returns the loss lets the Guard run backward (scaled by the
 GradScaler); a ``torch.optim``-style closure that calls ``loss.backward()`` itself and returns the loss is detected
