@@ -907,3 +907,35 @@ def test_a_bad_snapshot_device_is_a_clear_error():
     model, opt = make()
     with pytest.raises(ValueError, match="snapshot_device must name a device"):
         gg.Guard(model, opt, clipper=gg.NormClip(1.0), snapshot_device="bogus")
+
+
+def test_a_snapshot_survives_rollback_and_is_refreshed_in_place():
+    """Two rollbacks to the same snapshot restore the same state (the optimizer must not adopt the snapshot's own
+    tensors and then mutate them), and a refreshed snapshot reuses the previous one's memory."""
+    from gradguard.backup import Snapshot
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+
+    def train(n):
+        for _ in range(n):
+            opt.zero_grad()
+            model(torch.randn(3, 4)).square().sum().backward()
+            opt.step()
+
+    train(2)
+    snap = Snapshot(torch.device("cpu"))
+    parts = {"model": model, "optimizer": opt}
+    snap.take(parts)
+    saved_model, saved_opt = clone_state(model.state_dict()), clone_state(opt.state_dict())
+    ptrs = [t.data_ptr() for t in snap.states["optimizer"]["state"][0].values() if isinstance(t, torch.Tensor)]
+    for _ in range(2):
+        train(3)
+        snap.restore(parts)
+        assert state_equal(model.state_dict(), saved_model)
+        assert state_equal(opt.state_dict()["state"], saved_opt["state"])
+    train(1)
+    snap.take(parts)  # refreshed in place: same tensors, new values
+    assert [t.data_ptr() for t in snap.states["optimizer"]["state"][0].values() if isinstance(t, torch.Tensor)] == ptrs
+    assert torch.equal(snap.states["model"]["weight"], model.weight.detach())

@@ -157,14 +157,22 @@ class RngState:
 
 class Snapshot:
     """A rollback point: the ``state_dict`` of each named part (anything with ``state_dict``/``load_state_dict``),
-    deep-copied with every tensor on ``device``. Taking a new one replaces the old (one copy held at a time)."""
+    deep-copied with every tensor on ``device``.
+
+    Memory: one copy of the parts' state, held once. A new snapshot is copied *into* the previous one's tensors
+    where their layout is unchanged (the usual case: the same model and optimizer a few steps later), so taking one
+    never holds two copies at once; a part whose layout changed (an optimizer's first step creates its state) is
+    copied afresh.
+    """
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.states: dict[str, Any] | None = None
 
+    @torch.no_grad()
     def take(self, parts: dict[str, Any]) -> None:
-        self.states = {name: copy_state(part.state_dict(), self.device) for name, part in parts.items()}
+        old = self.states or {}
+        self.states = {name: _refill(old.get(name), part.state_dict(), self.device) for name, part in parts.items()}
 
     def restore(self, parts: dict[str, Any]) -> None:
         """Load the saved state into each part that was saved (``RuntimeError`` when none was taken)."""
@@ -172,4 +180,22 @@ class Snapshot:
             raise RuntimeError("no snapshot to roll back to: pass snapshot_every=N to Guard")
         for name, part in parts.items():
             if name in self.states:
-                part.load_state_dict(self.states[name])
+                state = self.states[name]
+                # A module copies the values into its own tensors; anything else (an optimizer) may keep the tensors
+                # it is given as its state, so it gets a copy: the snapshot must stay intact for a second rollback.
+                part.load_state_dict(state if isinstance(part, nn.Module) else copy_state(state, self.device))
+
+
+def _refill(saved: Any, current: Any, device: torch.device) -> Any:
+    """``current`` copied into ``saved``'s tensors where the nested layout matches (same keys, shapes, dtypes),
+    else a fresh :func:`copy_state` of it."""
+    if isinstance(current, Tensor):
+        if (isinstance(saved, Tensor) and saved.shape == current.shape and saved.dtype == current.dtype
+                and saved.device == device):
+            return saved.copy_(current.detach())
+        return current.detach().to(device, copy=True)
+    if isinstance(current, dict) and isinstance(saved, dict):
+        return {k: _refill(saved.get(k), v, device) for k, v in current.items()}
+    if isinstance(current, (list, tuple)) and isinstance(saved, (list, tuple)) and len(saved) == len(current):
+        return type(current)(_refill(a, b, device) for a, b in zip(saved, current))
+    return copy_state(current, device)
