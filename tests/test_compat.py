@@ -92,3 +92,13 @@ def test_optimizer_skips_in_kernel():
     assert _compat.optimizer_skips_in_kernel(torch.optim.AdamW(w, fused=True))
     assert not _compat.optimizer_skips_in_kernel(torch.optim.AdamW(w))
     assert not _compat.optimizer_skips_in_kernel(torch.optim.RMSprop(w))
+
+
+def test_unscale_once_unscales_exactly_once_per_step():
+    model = nn.Linear(2, 1, bias=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    scaler.scale(model(torch.ones(1, 2)).sum()).backward()
+    _compat.unscale_once(scaler, opt)
+    _compat.unscale_once(scaler, opt)  # a second call is a no-op, not torch's "unscale_() has already been called"
+    assert torch.equal(model.weight.grad, torch.ones(1, 2))

@@ -28,6 +28,7 @@ __all__ = [
     "node_sequence_nr",
     "optimizer_skips_in_kernel",
     "tree_flatten",
+    "unscale_once",
 ]
 
 # --------------------------------------------------------------------------------------------- dispatch, pytree
@@ -104,3 +105,8 @@ def already_unscaled(scaler: Any, optimizer: torch.optim.Optimizer) -> bool:
     state = states[id(optimizer)]
     return isinstance(state, dict) and state.get("stage") is OptState.UNSCALED
 
+
+def unscale_once(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler.unscale_(optimizer)`` unless it was already called in this step (by the caller, or by the Guard)."""
+    if not already_unscaled(scaler, optimizer):
+        scaler.unscale_(optimizer)

@@ -118,14 +118,22 @@ class BufferBackup:
                 setattr(mod, name, saved.clone())
 
 
-def copy_state(obj: Any, device: torch.device) -> Any:
-    """A deep copy of a (nested) state_dict with every tensor cloned to ``device`` (a rollback snapshot)."""
+def copy_state(obj: Any, device: torch.device, into: Any = None) -> Any:
+    """A deep copy of a (nested) state_dict with every tensor on ``device`` (a rollback snapshot).
+
+    ``into``: an earlier copy; its tensors are refilled in place wherever the nested layout matches (same keys,
+    shapes, dtypes, device), so refreshing a snapshot never holds two copies at once.
+    """
     if isinstance(obj, Tensor):
+        if isinstance(into, Tensor) and (into.shape, into.dtype, into.device) == (obj.shape, obj.dtype, device):
+            return into.copy_(obj.detach())
         return obj.detach().to(device, copy=True)
     if isinstance(obj, dict):
-        return {k: copy_state(v, device) for k, v in obj.items()}
+        prev = into if isinstance(into, dict) else {}
+        return {k: copy_state(v, device, prev.get(k)) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_state(v, device) for v in obj)
+        same = isinstance(into, (list, tuple)) and len(into) == len(obj)
+        return type(obj)(copy_state(v, device, into[i] if same else None) for i, v in enumerate(obj))
     return copy.deepcopy(obj)
 
 
@@ -172,7 +180,7 @@ class Snapshot:
     @torch.no_grad()
     def take(self, parts: dict[str, Any]) -> None:
         old = self.states or {}
-        self.states = {name: _refill(old.get(name), part.state_dict(), self.device) for name, part in parts.items()}
+        self.states = {name: copy_state(part.state_dict(), self.device, old.get(name)) for name, part in parts.items()}
 
     def restore(self, parts: dict[str, Any]) -> None:
         """Load the saved state into each part that was saved (``RuntimeError`` when none was taken)."""
@@ -184,18 +192,3 @@ class Snapshot:
                 # A module copies the values into its own tensors; anything else (an optimizer) may keep the tensors
                 # it is given as its state, so it gets a copy: the snapshot must stay intact for a second rollback.
                 part.load_state_dict(state if isinstance(part, nn.Module) else copy_state(state, self.device))
-
-
-def _refill(saved: Any, current: Any, device: torch.device) -> Any:
-    """``current`` copied into ``saved``'s tensors where the nested layout matches (same keys, shapes, dtypes),
-    else a fresh :func:`copy_state` of it."""
-    if isinstance(current, Tensor):
-        if (isinstance(saved, Tensor) and saved.shape == current.shape and saved.dtype == current.dtype
-                and saved.device == device):
-            return saved.copy_(current.detach())
-        return current.detach().to(device, copy=True)
-    if isinstance(current, dict) and isinstance(saved, dict):
-        return {k: _refill(saved.get(k), v, device) for k, v in current.items()}
-    if isinstance(current, (list, tuple)) and isinstance(saved, (list, tuple)) and len(saved) == len(current):
-        return type(current)(_refill(a, b, device) for a, b in zip(saved, current))
-    return copy_state(current, device)

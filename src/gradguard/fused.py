@@ -61,7 +61,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gradguard._compat import already_unscaled, optimizer_skips_in_kernel
+from gradguard._compat import optimizer_skips_in_kernel, unscale_once
 from gradguard.backup import StepBackup
 from gradguard.clippers.adagc import AdaGC
 from gradguard.clippers.agc import AGC
@@ -181,7 +181,7 @@ def fused_clip_step(
 
     # ---- unscale, clip (deferring a global factor), decide on the device, step
     if scaler is not None:
-        _unscale_once(scaler, optimizer)
+        unscale_once(scaler, optimizer)
     grads = [p.grad for p in params]
     fold = fused and _foldable(clip) and all(g.dtype == torch.float32 for g in grads)  # type: ignore[union-attr]
     if fold:
@@ -242,12 +242,6 @@ def _clip_deferred(clip: Clipper, parameters: Parameters, grads: list[Any]) -> t
         scale_(tensors, coef)  # not exactly the optimizer's gradients: write it, as the clipper would have
         return stats, None
     return stats, coef
-
-
-def _unscale_once(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
-    """``scaler.unscale_(optimizer)`` unless the caller already did it this step (as the Guard does)."""
-    if not already_unscaled(scaler, optimizer):
-        scaler.unscale_(optimizer)
 
 
 def _first_step(optimizer: torch.optim.Optimizer) -> bool:

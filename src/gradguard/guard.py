@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_monitor
-from gradguard._compat import already_unscaled
+from gradguard._compat import already_unscaled, unscale_once
 from gradguard.backup import BufferBackup, RngState, Snapshot, StepBackup
 from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
@@ -503,18 +503,12 @@ class Guard(PolicyCounters):
     def _params(self) -> list[Tensor]:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
-    def _unscale(self) -> None:
-        """``scaler.unscale_(optimizer)`` exactly once per step (skipped if the caller already did it)."""
-        assert self.scaler is not None
-        if not already_unscaled(self.scaler, self.optimizer):
-            self.scaler.unscale_(self.optimizer)
-
     def _step(
         self, loss: Tensor, closure: Callable[[], Tensor] | None, rng: Any, own_backward: bool
     ) -> StepReport:
         step = self.policy.start()
         if self.scaler is not None:
-            self._unscale()
+            unscale_once(self.scaler, self.optimizer)
         # statistics as they were: put back if the step is not applied (small device clones, no host read)
         clipper_before = self.clipper.state_dict() if self.clipper is not None else None
         spikes_before = [d.state_dict() for d in (self._loss_spikes, self._norm_spikes) if d is not None]
