@@ -71,7 +71,7 @@ from gradguard.clippers.norm import LayerwiseClip, NormClip, ValueClip
 from gradguard.clippers.zclip import ZClip
 from gradguard.scaling import deferred_scale, scale_
 
-__all__ = ["fused_clip_step", "supports_fused_step"]
+__all__ = ["fused_clip_step", "step_on_device", "supports_fused_step"]
 
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 # clippers whose last access to the gradients is one global scale_ (the factor can be deferred to the kernel)
@@ -189,12 +189,37 @@ def fused_clip_step(
     else:
         stats = clip(params if parameters is None else parameters)
         coef = None
-    finite = stats.finite
-    if fused:
-        _fused_step(optimizer, finite, coef)
-    else:
-        _masked_step(optimizer, params, finite)
+    step_on_device(optimizer, stats.finite, coef, params=params)
     return stats
+
+
+def step_on_device(
+    optimizer: torch.optim.Optimizer, ok: Tensor, coef: Tensor | None = None, *, params: Sequence[Tensor] | None = None
+) -> None:
+    r"""``optimizer.step()`` where the 0-d bool device tensor ``ok`` is true, nothing at all where it is false, decided
+    on the device (no host read after a parameter's first step; see the module docstring).
+
+    .. math:: (\theta, s) \leftarrow \begin{cases} \text{step}(\theta, s, c\,g) & ok \\ (\theta, s) & \text{otherwise}
+              \end{cases}
+
+    Fused Adam/AdamW/SGD/Adagrad skip inside their kernel (``found_inf = ~ok``; ``coef``, when given, rides in
+    ``grad_scale = 1/coef``); any other optimizer with tensor state takes the masked update (one copy of the
+    parameters and state, then ``where(ok, new, old)``), and a ``coef`` is written into the gradients first.
+    ``params``: the parameters with gradients (default: the optimizer's).
+
+    The one place gradguard skips a step on the device: :func:`fused_clip_step`, the Guard's ``host_sync=False``
+    mode and ``gg.attach`` use it.
+    """
+    if params is None:
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    params = list(params)
+    if supports_fused_step(optimizer):
+        _fused_step(optimizer, ok, coef)
+        return
+    _check_state(optimizer, params)
+    if coef is not None:
+        scale_([p.grad for p in params if p.grad is not None], coef)
+    _masked_step(optimizer, params, ok)
 
 
 def _as_clipper(clipper: Clipper | float) -> Clipper:
