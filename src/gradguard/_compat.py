@@ -27,6 +27,7 @@ __all__ = [
     "has_composite_implicit_kernel",
     "node_sequence_nr",
     "optimizer_skips_in_kernel",
+    "scratch_optimizer",
     "tree_flatten",
     "unscale_once",
 ]
@@ -88,6 +89,24 @@ def optimizer_skips_in_kernel(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step`` accepts ``grad_scale`` / ``found_inf`` and applies them inside its kernel (torch marks
     such optimizers — the fused Adam, AdamW, SGD, Adagrad — with a private flag that GradScaler reads too)."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+
+
+def scratch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """An optimizer of ``optimizer``'s class and settings that owns nothing yet: no parameter groups, no state, no
+    hooks (torch keeps them in private ``_optimizer_*_hooks`` dicts, emptied here) and no instance-level ``step``
+    wrapper (an LR scheduler installs one bound to the real optimizer). Give it ``param_groups`` and ``state`` and its
+    ``step()`` runs the class's own update on them: what :mod:`gradguard.preflight` dry-runs."""
+    from collections import OrderedDict, defaultdict
+
+    scratch = object.__new__(type(optimizer))
+    skip = {"state", "param_groups", "step", "grad_scale", "found_inf"}
+    for key, value in vars(optimizer).items():
+        if key in skip:
+            continue
+        scratch.__dict__[key] = OrderedDict() if key.startswith("_optimizer_") and key.endswith("_hooks") else value
+    scratch.state = defaultdict(dict)
+    scratch.param_groups = []
+    return scratch
 
 
 # ---------------------------------------------------------------------------------------------------- GradScaler

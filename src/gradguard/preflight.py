@@ -1,0 +1,230 @@
+r"""Preflight: would this ``optimizer.step()`` put a non-finite value into the weights? Answered before the step, by
+running the optimizer's own update on copies of a few percent of the parameters at a time.
+
+A learning rate that is too high (or an optimizer state gone bad) can turn finite gradients into non-finite weights.
+Checking the weights *after* the step needs an undo: a copy of the parameters and the optimizer state taken before
+it (for AdamW, 3x the parameter bytes; a 7B model's 84 GB). The preflight needs none. For each *chunk* of at most
+
+.. math:: B = \max(0.05 \cdot \text{parameter bytes},\; 1\,\text{MiB})
+
+bytes (parameter + gradient + optimizer-state copies), it copies the chunk's parameters, gradients and state into a
+*scratch optimizer* — the same class with the same parameter-group settings, no hooks, owning only the copies — calls
+its ``step()``, and folds ``isfinite`` of the stepped copies into one device flag. The copies are freed before the
+next chunk, so the extra memory is one chunk: at most 5% of the parameter bytes for any model above 20 MiB of
+parameters. Nothing of the real parameters, gradients, optimizer state, hooks or LR scheduler is touched, and there
+is no host read (the flag stays on the device until the Guard reads its decision).
+
+The dry-run is exact because it runs the same update code on the same values: a parameter's new value depends only
+on its own gradient and state (and the group's settings). For the *elementwise* torch optimizers (SGD, Adam, AdamW,
+Adamax, NAdam, RAdam, Adagrad, RMSprop, Rprop, ASGD, Adadelta) that holds for every element, so a large tensor is
+split into slices that fit the budget. For torch's other per-tensor optimizers (Adafactor's factored moments, Muon's
+orthogonalised matrix update) a tensor is stepped whole, so a chunk holds at least the largest parameter (and its
+state). An optimizer whose ``step`` gradguard does not know (a custom class, a subclass overriding ``step``, a wrapper
+that steps another optimizer) cannot be dry-run safely: :func:`preflight_kind` returns ``None`` and the Guard takes a
+transactional backup instead (``param_check="backup"``).
+
+Cost: one more optimizer update over copies (read parameters, gradients and state, write the copies and step them),
+about 2x the optimizer step's memory traffic. It runs only on the steps that check the weights
+(``Guard(check_params_every=N)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from gradguard import norms
+from gradguard._compat import scratch_optimizer
+
+__all__ = ["Preflight", "preflight_kind"]
+
+FRACTION = 0.05  # of the parameter bytes: the most a chunk of copies may hold
+MIN_BUDGET = 1 << 20  # bytes: below this a chunk costs more in Python than it saves in memory
+
+_ELEMENTWISE_NAMES = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Rprop", "ASGD",
+                      "Adadelta")
+_PER_TENSOR_NAMES = ("Adafactor", "Muon")  # torch.optim classes whose update mixes the elements of a tensor
+_STATE_GUESS = 3  # state tensors per parameter assumed before the optimizer has created any (Adam with amsgrad)
+_TEMPORARIES = 2  # parameter-sized intermediates an update allocates while it runs (foreach Adam: sqrt(v), m / ...)
+
+
+def _known(names: Sequence[str]) -> list[Any]:
+    classes = (getattr(torch.optim, n, None) for n in names)
+    return [inspect.unwrap(c.step) for c in classes if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+
+
+_ELEMENTWISE = _known(_ELEMENTWISE_NAMES)
+_PER_TENSOR = _known(_PER_TENSOR_NAMES)
+
+
+def preflight_kind(optimizer: torch.optim.Optimizer) -> Literal["elementwise", "per_tensor"] | None:
+    """How ``optimizer``'s step can be dry-run: ``"elementwise"`` (slices of a tensor), ``"per_tensor"`` (whole
+    tensors), or ``None`` (its ``step`` is not one of torch's: it cannot be dry-run safely)."""
+    step = inspect.unwrap(type(optimizer).step)
+    if any(step is s for s in _ELEMENTWISE):
+        return "elementwise"
+    if any(step is s for s in _PER_TENSOR):
+        return "per_tensor"
+    return None
+
+
+@dataclass(frozen=True)
+class _Piece:
+    group: int  # index of the parameter group
+    param: Tensor
+    start: int | None  # a slice of the flattened tensor, or None: the whole tensor
+    stop: int | None
+
+
+class Preflight:
+    """Dry-runs ``optimizer.step()`` chunk by chunk and says whether every stepped parameter stays finite.
+
+    Args:
+        fraction: the most a chunk of copies may hold, as a fraction of the parameter bytes.
+        min_bytes: ...but never less than this many bytes (1 MiB: smaller chunks cost more Python than they save).
+
+    Example:
+        >>> import torch
+        >>> from gradguard.preflight import Preflight
+        >>> w = torch.nn.Parameter(torch.tensor([3e38, 1.0])); w.grad = torch.tensor([-3e38, 1.0])
+        >>> opt = torch.optim.SGD([w], lr=1.0)
+        >>> bool(Preflight()(opt, [w])), w.tolist()   # the step would overflow w[0]; w is untouched
+        (False, [3.0000000054977558e+38, 1.0])
+    """
+
+    def __init__(self, fraction: float = FRACTION, min_bytes: int = MIN_BUDGET) -> None:
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
+        if not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 1:
+            raise ValueError(f"min_bytes must be a positive integer, got {min_bytes!r}")
+        self.fraction = float(fraction)
+        self.min_bytes = min_bytes
+
+    def budget(self, optimizer: torch.optim.Optimizer) -> int:
+        """Bytes a chunk of copies may hold: ``max(fraction x parameter bytes, min_bytes)``."""
+        total = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+        return max(int(self.fraction * total), self.min_bytes)
+
+    @torch.no_grad()
+    def __call__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:
+        """A 0-d bool device tensor: whether ``optimizer.step()`` would leave every parameter in ``params`` (those
+        with a gradient are stepped) finite. No host read; nothing real changes."""
+        flags = [torch.isfinite(norms.total_norm(stepped, 2.0, check=False)) for stepped, _ in self.dry_run(optimizer,
+                                                                                                         params)]
+        device = params[0].device if params else torch.device("cpu")
+        if not flags:
+            return torch.ones((), dtype=torch.bool, device=device)
+        return torch.stack([f.to(device) for f in flags]).all()
+
+    @torch.no_grad()
+    def nonfinite(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor]:
+        """The parameters that ``optimizer.step()`` would make non-finite (the failure path: reads on the host)."""
+        bad: dict[int, Tensor] = {}
+        for stepped, pieces in self.dry_run(optimizer, params):
+            for q, piece in zip(stepped, pieces):
+                if not bool(torch.isfinite(q).all()):
+                    bad[id(piece.param)] = piece.param
+        return list(bad.values())
+
+    def plan(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[list[_Piece]]:
+        """The chunks: lists of pieces (whole tensors or slices) whose copies fit :meth:`budget` (a chunk holds one
+        whole tensor larger than the budget where the optimizer is not elementwise)."""
+        kind = preflight_kind(optimizer)
+        if kind is None:
+            raise TypeError(
+                f"{type(optimizer).__name__}.step is not one of torch.optim's, so it cannot be dry-run safely; use "
+                "a transactional backup (Guard(param_check='backup'))"
+            )
+        budget = self.budget(optimizer)
+        owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
+        chunks: list[list[_Piece]] = []
+        chunk: list[_Piece] = []
+        used = 0
+        for p in params:
+            if p.grad is None:
+                continue
+            per_element, sliceable = _cost(optimizer, p, kind == "elementwise")
+            n = p.numel()
+            if not sliceable or n * per_element <= budget - used:  # whole: in this chunk, or to start the next
+                if chunk and used + n * per_element > budget:
+                    chunks.append(chunk)
+                    chunk, used = [], 0
+                chunk.append(_Piece(owner[id(p)], p, None, None))
+                used += n * per_element
+                continue
+            start = 0
+            while start < n:
+                take = min(n - start, (budget - used) // per_element)
+                if take <= 0:
+                    if chunk:
+                        chunks.append(chunk)
+                        chunk, used = [], 0
+                        continue
+                    take = 1  # one element costs more than the whole budget: progress regardless
+                chunk.append(_Piece(owner[id(p)], p, start, start + take))
+                used += take * per_element
+                start += take
+        if chunk:
+            chunks.append(chunk)
+        return chunks
+
+    def dry_run(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Any:
+        """For each chunk of :meth:`plan`: step copies of it with a scratch optimizer; yields ``(stepped copies,
+        pieces)``, the copies flattened for a sliced piece. The copies of a chunk are dropped before the next one."""
+        for chunk in self.plan(optimizer, params):
+            scratch = scratch_optimizer(optimizer)
+            groups: dict[int, list[Tensor]] = {}
+            copies: list[Tensor] = []
+            for piece in chunk:
+                q = _copy(piece.param, piece)
+                q.grad = _copy(piece.param.grad, piece)  # type: ignore[arg-type]
+                state = optimizer.state.get(piece.param)
+                if state:
+                    scratch.state[q] = {k: _copy_state(v, piece) for k, v in state.items()}
+                groups.setdefault(piece.group, []).append(q)
+                copies.append(q)
+            scratch.param_groups = [dict(optimizer.param_groups[g], params=qs) for g, qs in groups.items()]
+            scratch.step()
+            yield copies, chunk
+
+
+def _cost(optimizer: torch.optim.Optimizer, p: Tensor, elementwise: bool) -> tuple[int, bool]:
+    """Bytes per element of a piece of ``p`` (parameter + gradient + parameter-shaped state copies, and the update's
+    own intermediates), and whether
+    ``p`` may be sliced (elementwise optimizer, contiguous tensors, every state tensor parameter-shaped or scalar)."""
+    grad = p.grad
+    assert grad is not None
+    state = optimizer.state.get(p) or {}
+    tensors = [v for v in state.values() if isinstance(v, Tensor)]
+    shaped = [v for v in tensors if v.shape == p.shape]
+    per_element = (1 + _TEMPORARIES) * p.element_size() + grad.element_size()
+    per_element += sum(v.element_size() for v in shaped) if state else _STATE_GUESS * p.element_size()
+    sliceable = (
+        elementwise
+        and p.is_contiguous()
+        and grad.is_contiguous()
+        and grad.shape == p.shape
+        and all(v.is_contiguous() for v in shaped)
+        and all(v.shape == p.shape or v.numel() <= 1 for v in tensors)
+    )
+    return per_element, sliceable
+
+
+def _copy(t: Tensor, piece: _Piece) -> Tensor:
+    if piece.start is None:
+        return t.detach().clone()
+    return t.detach().view(-1)[piece.start:piece.stop].clone()
+
+
+def _copy_state(v: Any, piece: _Piece) -> Any:
+    if not isinstance(v, Tensor):
+        return copy.deepcopy(v)
+    if v.shape == piece.param.shape:
+        return _copy(v, piece)
+    return v.detach().clone()
