@@ -109,6 +109,15 @@ class BufferBackup:
         self.owners, self.sources = owners, sources
 
     @torch.no_grad()
+    def restore_where(self, keep: Tensor) -> None:
+        """On the device: each buffer stays as it is where the 0-d bool ``keep`` is true, else gets its saved value
+        back (no host read)."""
+        for (mod, name), saved in zip(self.owners, self.copies):
+            current = getattr(mod, name, None)
+            if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
+                current.copy_(torch.where(keep.to(current.device), current, saved))
+
+    @torch.no_grad()
     def restore(self) -> None:
         for (mod, name), src, saved in zip(self.owners, self.sources, self.copies):
             current = getattr(mod, name, None)

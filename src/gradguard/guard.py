@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -70,7 +69,16 @@ from gradguard.diagnose import (
     nonfinite_names,
 )
 from gradguard.distributed import all_reduce_max_
-from gradguard.policy import POLICIES, PolicyCounters, Reason, SkipPolicy, check_process_group, learning_rate
+from gradguard.fused import step_on_device
+from gradguard.policy import (
+    POLICIES,
+    PolicyCounters,
+    Reason,
+    SkipPolicy,
+    check_process_group,
+    deferred_diagnosis,
+    learning_rate,
+)
 from gradguard.preflight import Preflight, preflight_kind
 
 __all__ = ["POLICIES", "Guard", "SpikeDetector", "StepReport"]
@@ -90,13 +98,12 @@ class _Recorder(Protocol):
         skipped: bool,
         reason: str | None,
         lr: float | None,
-        model: nn.Module,
+        model: nn.Module | None,
         diagnosis: Diagnosis | None,
         step: int,
     ) -> Any: ...
 
 
-@dataclass(frozen=True)
 class StepReport:
     """What happened in one guarded step.
 
@@ -104,16 +111,71 @@ class StepReport:
     values (the step's single host read). ``reason`` is ``None`` for a good step, else one of ``"nonfinite_loss"``,
     ``"nonfinite_grad"``, ``"nonfinite_params"``, ``"loss_spike"``, ``"grad_norm_spike"``; ``rolled_back`` tells
     whether the last snapshot was restored.
+
+    With ``Guard(host_sync=False)`` the decision stays on the device: ``applied`` (a 0-d bool device tensor) is
+    there at once, and ``skipped`` / ``reason`` read it on the host the first time they are asked for (one read,
+    yours to place: at a log interval, say).
     """
 
-    step: int
-    loss: Tensor | None
-    stats: ClipStats
-    skipped: bool
-    reason: str | None = None
-    lr: float | None = None
-    diagnosis: Diagnosis | None = None
-    rolled_back: bool = False
+    __slots__ = ("_flags", "_reason", "_skipped", "diagnosis", "loss", "lr", "rolled_back", "stats", "step")
+
+    def __init__(
+        self,
+        step: int,
+        loss: Tensor | None,
+        stats: ClipStats,
+        skipped: bool | Tensor,
+        reason: str | None = None,
+        lr: float | None = None,
+        diagnosis: Diagnosis | None = None,
+        rolled_back: bool = False,
+    ) -> None:
+        self.step, self.loss, self.stats, self.lr = step, loss, stats, lr
+        self.diagnosis, self.rolled_back = diagnosis, rolled_back
+        self._flags = skipped if isinstance(skipped, Tensor) else None  # one flag per Reason, on the device
+        self._skipped = None if isinstance(skipped, Tensor) else bool(skipped)
+        self._reason = reason
+
+    @property
+    def applied(self) -> Tensor:
+        """Whether the step was applied, as a 0-d bool tensor (on the device, never read)."""
+        if self._flags is not None:
+            return ~self._flags.any()
+        device = self.loss.device if self.loss is not None else None
+        return torch.tensor(not self._skipped, device=device)
+
+    @property
+    def skipped(self) -> bool:
+        """Whether the step was not applied (skipped, undone or rolled back)."""
+        if self._skipped is None:
+            self._read()
+        assert self._skipped is not None
+        return self._skipped
+
+    @property
+    def reason(self) -> str | None:
+        """Why the step was not applied (``None``: it was)."""
+        if self._skipped is None:
+            self._read()
+        return self._reason
+
+    def _read(self) -> None:
+        assert self._flags is not None
+        self._decided(self._flags.tolist())  # the deferred decision, read because it was asked for
+
+    def _decided(self, bad: list[bool]) -> None:
+        self._skipped = any(bad)
+        self._reason = next((r.value for r, b in zip(_REASONS, bad) if b), None)
+
+    @staticmethod
+    def read_all(reports: list[StepReport]) -> None:
+        """Read the deferred decisions of ``reports`` in one host read (none when all are known)."""
+        pending = [r for r in reports if r._skipped is None and r._flags is not None]
+        if pending:
+            rows: list[list[bool]] = torch.stack([r._flags.to(pending[0]._flags.device) for r in pending  # type: ignore[union-attr]
+                                                  ]).tolist()
+            for r, row in zip(pending, rows):
+                r._decided(row)
 
     @property
     def norm(self) -> Tensor:
@@ -129,6 +191,10 @@ class StepReport:
     def clipped(self) -> Tensor:
         """Whether clipping scaled the gradients (device bool tensor)."""
         return self.stats.clipped
+
+    def __repr__(self) -> str:
+        decided = f"skipped={self._skipped}, reason={self._reason!r}" if self._skipped is not None else "deferred"
+        return f"StepReport(step={self.step}, {decided}, lr={self.lr}, rolled_back={self.rolled_back})"
 
 
 class SpikeDetector(DeviceState):
@@ -232,6 +298,23 @@ class Guard(PolicyCounters):
         verbose: log the first bad step of each reason (with its diagnosis) and a summary every ``summary_every``
             steps on the ``"gradguard"`` logger; ``False`` silences both.
         summary_every: steps between those summaries.
+        host_sync: ``False`` decides on the device: no host read in a step at all (see "Deciding on the device"
+            below). ``True`` (default): one host read per step, which lets a bad step be replayed, diagnosed down to
+            the op, raised or rolled back at once.
+        settle_every: with ``host_sync=False``, read the deferred decisions every this many steps (one host read):
+            counters, log messages, monitor records, ``max_consecutive_skips``. :meth:`settle` does it on demand.
+
+    Deciding on the device (``host_sync=False``): the skip flags (loss, gradients, the preflight's weight check,
+    spikes) are combined on the device into ``ok``, and the step is applied only where ``ok``: fused Adam, AdamW,
+    SGD and Adagrad skip inside their kernel (``found_inf``); any other optimizer takes a masked update (one copy of
+    the parameters and optimizer state, then ``where(ok, new, old)``: that copy's memory, and its time, is the
+    price). Clipper and spike statistics and the model's buffers are kept or put back with ``where``. The CPU takes
+    the accelerator's path (:func:`gradguard.norms.device_path`), so the promise is tested on CPU: 0 host reads over
+    100 steps. What changes: the scheduler and the EMA step on every step (a skipped step still advances the
+    schedule, and averages the unchanged weights again); gradients are dropped after every step; ``"raise"`` and
+    ``"rollback"`` and snapshots are not available (they act on the host before the next step); a bad step gets no
+    replay: its :class:`~gradguard.Diagnosis` names the reason and stage only, when settled; the monitor receives the
+    steps when they are settled, without per-layer records; :class:`StepReport` defers ``skipped`` and ``reason``.
 
     Example:
         >>> import torch, gradguard as gg
@@ -269,6 +352,8 @@ class Guard(PolicyCounters):
         process_group: Any = None,
         verbose: bool = True,
         summary_every: int = 100,
+        host_sync: bool = True,
+        settle_every: int = 100,
     ) -> None:
         _check_parts(model, optimizer, clipper, scaler, scheduler, ema)
         policy = SkipPolicy(on_nonfinite, max_consecutive_skips, verbose=verbose, summary_every=summary_every)
@@ -280,6 +365,9 @@ class Guard(PolicyCounters):
         )
         check_monitor(monitor)
         resolved_check = _resolve_param_check(param_check, optimizer)
+        self.host_sync = host_sync
+        self.settle_every = _check_deferred(host_sync, settle_every, on_nonfinite, self.snapshot_every,
+                                            self.check_params_every, resolved_check, optimizer)
         check_process_group(process_group)
         _check_ownership(model, optimizer)
         try:
@@ -310,6 +398,7 @@ class Guard(PolicyCounters):
         self.param_check = resolved_check
         self._backup = StepBackup()
         self._preflight = Preflight()
+        self._unrecorded: list[StepReport] = []  # host_sync=False: steps the monitor gets when they are settled
         self._buffers = BufferBackup()
         self._buffers.capture(model)
         self._snapshot = Snapshot(self.snapshot_device)
@@ -512,6 +601,8 @@ class Guard(PolicyCounters):
     def _step(
         self, loss: Tensor, closure: Callable[[], Tensor] | None, rng: Any, own_backward: bool
     ) -> StepReport:
+        if not self.host_sync:
+            return self._step_on_device(loss)
         step = self.policy.start()
         if self.scaler is not None:
             unscale_once(self.scaler, self.optimizer)
@@ -553,8 +644,13 @@ class Guard(PolicyCounters):
         return ClipStats.unclipped(norm=norm, device=loss.device)
 
     def _decide(self, loss: Tensor, stats: ClipStats, check_params: bool) -> list[bool]:
-        """Every skip flag, in ``_REASONS`` order, stacked and read in the step's one host read (max over ranks).
+        """Every skip flag, in ``_REASONS`` order, read in the step's one host read (max over ranks).
         With ``check_params`` the step is dry-run first (preflight), or, with a backup, taken first and checked."""
+        bad: list[bool] = self._flags(loss, stats, check_params).tolist()  # the step's one host read
+        return bad
+
+    def _flags(self, loss: Tensor, stats: ClipStats, check_params: bool) -> Tensor:
+        """The skip flags, one per :class:`Reason` in order, stacked on the device and MAX-reduced over the world."""
         flags = [~torch.isfinite(loss), ~stats.finite]
         flags.append(torch.zeros((), dtype=torch.bool, device=loss.device))
         flags.append(self._loss_spikes(loss) if self._loss_spikes else torch.zeros_like(flags[0]))
@@ -568,8 +664,63 @@ class Guard(PolicyCounters):
             flags[2] = ~torch.isfinite(norms.total_norm([p.detach() for p in params], 2.0, check=False))
         decision = torch.stack([f.to(loss.device) for f in flags])
         all_reduce_max_(decision)  # every rank of the world takes the same decision
-        bad: list[bool] = decision.tolist()  # the step's one host read
-        return bad
+        return decision
+
+    def _step_on_device(self, loss: Tensor) -> StepReport:
+        """``host_sync=False``: clip, decide and skip on the device, keep or put back the statistics and buffers
+        with ``where``; the decision is read later, by :meth:`settle`."""
+        detectors = [d for d in (self._loss_spikes, self._norm_spikes) if d is not None]
+        if self.scaler is not None:
+            unscale_once(self.scaler, self.optimizer)
+        clipper_before = self.clipper.state_dict() if self.clipper is not None else {}
+        spikes_before = [d.state_dict() for d in detectors]
+        params = [p for p in self._params() if p.grad is not None]
+        number = self.policy.steps + 1
+        with torch.no_grad(), norms.device_path():
+            stats = self._clip_or_measure(loss)
+            check = self.check_params_every is not None and number % self.check_params_every == 0
+            bad = self._flags(loss, stats, check)
+            ok = ~bad.any()
+            step_on_device(self.optimizer, ok, params=params)
+            if self.clipper is not None:
+                self.clipper.keep_where(ok, clipper_before)
+            for det, before in zip(detectors, spikes_before):
+                det.keep_where(ok, before)
+            self._buffers.restore_where(ok)
+        if self.scaler is not None:
+            self.scaler.update()  # reads the overflow flag unscale_ left on the device
+        if self.scheduler is not None:
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        step = self.policy.defer(bad)
+        report = StepReport(step, loss, stats, bad, lr=learning_rate(self.optimizer))
+        if self.monitor is not None:
+            self._unrecorded.append(report)
+        self._buffers.capture(self.model)
+        self.optimizer.zero_grad(set_to_none=True)  # whether this step was bad is not known on the host
+        if step % self.settle_every == 0:
+            self.settle()
+        return report
+
+    def settle(self) -> None:
+        """With ``host_sync=False``: read the deferred decisions (one host read for all of them), count them, log
+        them as the policy does, give the steps to the monitor, and raise :class:`TrainingDivergedError` if more
+        than ``max_consecutive_skips`` bad steps came in a row. Called every ``settle_every`` steps; call it at the
+        end of training too. Nothing to do (no read) when nothing is pending."""
+        records, self._unrecorded = self._unrecorded, []
+        error = self.policy.settle(stacklevel=2)
+        StepReport.read_all(records)  # one host read for the lot
+        for report in records:
+            diagnosis = None
+            if report.skipped:
+                diagnosis = deferred_diagnosis(Reason(report.reason), report.step)
+                self.diagnosis = diagnosis
+            assert self.monitor is not None
+            self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
+                                lr=report.lr, model=None, diagnosis=diagnosis, step=report.step)
+        if error is not None:
+            raise error
 
     def _refuse(
         self,
@@ -688,6 +839,38 @@ def _check_parts(model: Any, optimizer: Any, clipper: Any, scaler: Any, schedule
         raise TypeError(f"scheduler must have a step() method, got {type(scheduler).__name__}")
     if ema is not None and not callable(getattr(ema, "update_parameters", None)):
         raise TypeError("ema must have update_parameters(model) (e.g. torch.optim.swa_utils.AveragedModel)")
+
+
+def _check_deferred(
+    host_sync: Any,
+    settle_every: Any,
+    on_nonfinite: str,
+    snapshot_every: int | None,
+    check_params_every: int | None,
+    param_check: str,
+    optimizer: torch.optim.Optimizer,
+) -> int:
+    """``settle_every`` checked; with ``host_sync=False`` also what deciding on the device cannot do."""
+    if not isinstance(host_sync, bool):
+        raise TypeError(f"host_sync must be True or False, got {host_sync!r}")
+    settle = check_int(settle_every, "settle_every", low=1)
+    if host_sync:
+        return settle
+    if on_nonfinite not in ("skip", "warn"):
+        raise ValueError(
+            f'host_sync=False decides on the device, but on_nonfinite="{on_nonfinite}" must act on the host before the '
+            'next step (raise the error, restore the snapshot): use on_nonfinite="skip" or "warn", or host_sync=True'
+        )
+    if snapshot_every is not None:
+        raise ValueError("host_sync=False takes no snapshots (their cadence counts good steps on the host): pass "
+                         "snapshot_every=None, or host_sync=True")
+    if check_params_every is not None and param_check != "preflight":
+        raise ValueError(
+            f"host_sync=False checks the weights by a preflight (deciding before the step), but "
+            f"{type(optimizer).__name__}'s step cannot be dry-run (param_check={param_check!r}): pass "
+            "check_params_every=None, or host_sync=True"
+        )
+    return settle
 
 
 def _resolve_param_check(param_check: Any, optimizer: torch.optim.Optimizer) -> str:

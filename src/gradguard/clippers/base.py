@@ -301,3 +301,8 @@ class Chain(Clipper):
     def reset(self) -> None:
         for c in self.clippers:
             c.reset()
+
+    def keep_where(self, keep: Tensor, before: Mapping[str, Any]) -> None:
+        """Each child's :meth:`~gradguard.clippers.state.DeviceState.keep_where` with its part of ``before``."""
+        for i, c in enumerate(self.clippers):
+            c.keep_where(keep, before.get(str(i), {}) if before else {})
