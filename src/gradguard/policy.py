@@ -14,6 +14,14 @@ Speaking up: unless ``verbose=False``, the first bad step for each :class:`Reaso
 since the last summary follows (none when there were none). Python's logging prints warnings to stderr even when
 nothing is configured, so a default ``on_nonfinite="skip"`` is never silent. ``on_nonfinite="warn"`` additionally
 issues a :class:`RuntimeWarning` for every bad step.
+
+Deferred counting (no host read per step): an owner that decides on the device calls :meth:`SkipPolicy.defer` with
+the step's flags, a device bool tensor of one flag per :class:`Reason`, instead of :meth:`~SkipPolicy.start` +
+:meth:`~SkipPolicy.accept` / :meth:`~SkipPolicy.reject`. The flags stay on the device until
+:meth:`SkipPolicy.settle` reads every pending step's flags in one host read and folds them into the counters in
+order, exactly as the eager calls would have (the same counters, logging and warnings, only later). Reading a counter
+settles first, so a host read happens when, and only when, someone reads them. Memory: one byte per flag per pending
+step on the device (5 bytes a step; the flags are stacked into blocks of 256 steps).
 """
 
 from __future__ import annotations
@@ -25,13 +33,22 @@ from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from gradguard.clippers.state import check_int
-from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError
+from gradguard.diagnose import Diagnosis, NonFiniteError, TrainingDivergedError, explain
 
-__all__ = ["POLICIES", "PolicyCounters", "Reason", "SkipPolicy", "check_process_group", "learning_rate"]
+__all__ = [
+    "POLICIES",
+    "PolicyCounters",
+    "Reason",
+    "SkipPolicy",
+    "check_process_group",
+    "deferred_diagnosis",
+    "learning_rate",
+]
 
 POLICIES = ("skip", "rollback", "raise", "warn")
 
@@ -63,6 +80,32 @@ class Reason(str, Enum):
 
 
 _COUNTERS = ("steps", "good_steps", "skipped_steps", "consecutive_skips")
+_REASONS = tuple(Reason)
+_BLOCK = 256  # pending flag rows are stacked into one device tensor per this many steps (bounded host objects)
+
+
+def deferred_diagnosis(reason: Reason, step: int) -> Diagnosis:
+    """The :class:`~gradguard.Diagnosis` of a step that was decided on the device and read later
+    (:meth:`SkipPolicy.settle`): only the reason is known then (the gradients have moved on), so it names the stage
+    and the usual cause and fix, not the op or the parameters."""
+    if reason is Reason.LOSS_SPIKE:
+        return Diagnosis(
+            "forward", event="loss_spike", step=step,
+            cause="loss spike: the loss jumped far above its recent range (a bad batch or the start of an "
+            "instability)",
+            fix="the step was skipped; if spikes repeat, lower the learning rate, check the data at this step, "
+            "or clip more (lower max_norm)",
+        )
+    if reason is Reason.GRAD_NORM_SPIKE:
+        return Diagnosis(
+            "backward", event="grad_norm_spike", step=step,
+            cause="exploding gradients: the gradient norm jumped far above its recent range",
+            fix="the step was skipped; clip gradients or lower max_norm (an adaptive clipper such as gg.ZClip "
+            "reacts to spikes), or lower the learning rate",
+        )
+    stage = {Reason.NONFINITE_LOSS: "forward", Reason.NONFINITE_GRAD: "backward"}.get(reason, "step")
+    cause, fix = explain(stage)
+    return Diagnosis(stage, cause=cause, fix=fix, step=step)
 
 
 def learning_rate(optimizer: Any) -> float | None:
@@ -139,30 +182,91 @@ class SkipPolicy:
         self.max_consecutive_skips = check_max_consecutive_skips(max_consecutive_skips)
         self.verbose = verbose
         self.summary_every = check_int(summary_every, "summary_every", low=1)
-        self.steps = 0
-        self.good_steps = 0
-        self.skipped_steps = 0
-        self.consecutive_skips = 0
-        self.skipped_by_reason: dict[str, int] = {r.value: 0 for r in Reason}
-        self.last_skipped = False
-        self.last_reason: Reason | None = None
+        self.steps = 0  # steps attempted, deferred ones included: known on the host without a read
+        self._good_steps = 0
+        self._skipped_steps = 0
+        self._consecutive_skips = 0
+        self._skipped_by_reason: dict[str, int] = {r.value: 0 for r in Reason}
+        self._last_skipped = False
+        self._last_reason: Reason | None = None
         self._reported: set[str] = set()  # reasons already reported in full (not checkpointed: a new run reports)
         self._since_summary: dict[str, int] = {}
         self._summary_start = 1
+        # deferred steps: flag rows (device bool tensors, one flag per Reason), oldest first, stacked per _BLOCK
+        self._blocks: list[Tensor] = []
+        self._rows: list[Tensor] = []
+        self._pending = 0
+        self._held: Exception | None = None  # an error found while settling for a counter read, for settle()
+
+    # ------------------------------------------------------------------------------------------------ counters
+    # Reading a counter settles the deferred steps first (one host read, only when some are pending).
+    @property
+    def good_steps(self) -> int:
+        """Steps applied."""
+        self._settle_held()
+        return self._good_steps
+
+    @good_steps.setter
+    def good_steps(self, value: int) -> None:
+        self._settle_held()
+        self._good_steps = value
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps not applied (skipped, undone or rolled back)."""
+        self._settle_held()
+        return self._skipped_steps
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._settle_held()
+        self._skipped_steps = value
+
+    @property
+    def consecutive_skips(self) -> int:
+        """Bad steps in a row, up to the last one."""
+        self._settle_held()
+        return self._consecutive_skips
+
+    @consecutive_skips.setter
+    def consecutive_skips(self, value: int) -> None:
+        self._settle_held()
+        self._consecutive_skips = value
+
+    @property
+    def skipped_by_reason(self) -> dict[str, int]:
+        """``{reason: steps not applied for it}`` (the live dict)."""
+        self._settle_held()
+        return self._skipped_by_reason
+
+    @property
+    def last_skipped(self) -> bool:
+        """Whether the last step was not applied."""
+        self._settle_held()
+        return self._last_skipped
+
+    @property
+    def last_reason(self) -> Reason | None:
+        """Why the last step was not applied (``None``: it was applied)."""
+        self._settle_held()
+        return self._last_reason
+
+    @property
+    def pending_steps(self) -> int:
+        """Deferred steps whose flags have not been read yet (no read needed to know how many)."""
+        return self._pending
 
     # ------------------------------------------------------------------------------------------------ the step
     def start(self) -> int:
-        """A step is being attempted: returns its (1-based) number."""
+        """A step is being attempted: returns its (1-based) number. Deferred steps before it are settled first (an
+        error found then is kept for the next :meth:`settle`)."""
+        self._settle_held()
         self.steps += 1
         return self.steps
 
     def accept(self) -> None:
         """The step was applied."""
-        self.good_steps += 1
-        self.consecutive_skips = 0
-        self.last_skipped = False
-        self.last_reason = None
-        self._maybe_summarize()
+        self._accept(self.steps)
 
     def reject(self, reason: Reason | str, diagnosis: Diagnosis, *, stacklevel: int = 2) -> Exception | None:
         """The step was not applied for ``reason``: count it, report it, and return the error the owner must raise
@@ -170,50 +274,128 @@ class SkipPolicy:
 
         ``stacklevel`` is where the ``"warn"`` policy's warning points, counted as by ``warnings.warn`` from the
         caller of this method (1: that caller)."""
-        reason = Reason(reason)
-        self.skipped_steps += 1
-        self.consecutive_skips += 1
-        self.skipped_by_reason[reason.value] += 1
-        self.last_skipped = True
-        self.last_reason = reason
+        return self._reject(Reason(reason), diagnosis, self.steps, stacklevel + 1)
+
+    def defer(self, bad: Tensor) -> int:
+        """Count a step decided on the device, without reading it: returns its 1-based number (as :meth:`start`).
+
+        ``bad`` is a bool tensor of shape ``(len(Reason),)`` on any device, one flag per :class:`Reason` in
+        ``Reason`` order: any flag set means the step was not applied, and the first set flag names why. The tensor
+        is kept as it is, not copied (do not write into it afterwards); :meth:`settle` reads it. The ``"raise"``
+        policy cannot be deferred (its error must stop the step before the weights change): ``ValueError``.
+        """
+        if not isinstance(bad, Tensor):
+            raise TypeError(f"bad must be a torch.Tensor of {len(_REASONS)} bool flags (one per Reason), got "
+                            f"{type(bad).__name__}")
+        if bad.dtype != torch.bool or tuple(bad.shape) != (len(_REASONS),):
+            raise ValueError(
+                f"bad must be a bool tensor of shape ({len(_REASONS)},), one flag per Reason in the order "
+                f"{[r.value for r in _REASONS]}; got dtype {bad.dtype}, shape {tuple(bad.shape)} (build it with "
+                "torch.stack([flag_loss, flag_grad, ...]))"
+            )
+        if self.on_nonfinite == "raise":
+            raise ValueError(
+                "on_nonfinite='raise' cannot be deferred: the error must be raised before the step is applied, which "
+                "needs the flag on the host; use host_sync=True (one read per step) or on_nonfinite='skip'/'warn'"
+            )
+        self.steps += 1
+        self._rows.append(bad.detach())
+        self._pending += 1
+        if len(self._rows) == _BLOCK:  # a device op, no read: bounds the number of pending tensors
+            self._blocks.append(torch.stack(self._rows))
+            self._rows = []
+        return self.steps
+
+    def settle(self, *, stacklevel: int = 1) -> Exception | None:
+        """Read every pending deferred step's flags in one host read and fold them into the counters, in order, as
+        :meth:`accept` / :meth:`reject` would have (the same logging and ``"warn"`` warnings). Returns the
+        :class:`~gradguard.TrainingDivergedError` the owner must raise when more than ``max_consecutive_skips`` bad
+        steps came in a row (the first such point; also one found earlier by a counter read), else ``None``. No
+        pending steps: no host read. ``stacklevel``: where the ``"warn"`` warnings point (1: the caller)."""
+        error = self._settle(stacklevel + 1)
+        held, self._held = self._held, None
+        return held if held is not None else error
+
+    def _settle_held(self) -> None:
+        if self._pending:
+            error = self._settle(3)  # the "warn" warnings point at whoever read the counter
+            if self._held is None:
+                self._held = error
+
+    def _settle(self, stacklevel: int) -> Exception | None:
+        if not self._pending:
+            return None
+        parts = self._blocks + ([torch.stack(self._rows)] if self._rows else [])
+        device = parts[0].device
+        flags = torch.cat([p.to(device) for p in parts]) if len(parts) > 1 else parts[0]
+        first = self.steps - self._pending + 1
+        self._blocks, self._rows, self._pending = [], [], 0
+        rows: list[list[bool]] = flags.tolist()  # the one host read for every pending step
+        error: Exception | None = None
+        for i, row in enumerate(rows):
+            step = first + i
+            reason = next((r for r, b in zip(_REASONS, row) if b), None)
+            if reason is None:
+                self._accept(step)
+                continue
+            found = self._reject(reason, deferred_diagnosis(reason, step), step, stacklevel + 1)
+            error = error if error is not None else found
+        return error
+
+    def _accept(self, step: int) -> None:
+        self._good_steps += 1
+        self._consecutive_skips = 0
+        self._last_skipped = False
+        self._last_reason = None
+        self._maybe_summarize(step)
+
+    def _reject(self, reason: Reason, diagnosis: Diagnosis, step: int, stacklevel: int) -> Exception | None:
+        """Count step ``step`` as not applied; ``stacklevel`` as ``reject``'s, counted from the caller of this method
+        (1: that caller)."""
+        self._skipped_steps += 1
+        self._consecutive_skips += 1
+        self._skipped_by_reason[reason.value] += 1
+        self._last_skipped = True
+        self._last_reason = reason
         self._since_summary[reason.value] = self._since_summary.get(reason.value, 0) + 1
         limit = self.max_consecutive_skips
         error: Exception | None = None
         if self.on_nonfinite == "raise" and not reason.is_spike:
             error = NonFiniteError(diagnosis)
-        elif limit is not None and self.consecutive_skips > limit:
+        elif limit is not None and self._consecutive_skips > limit:
             error = TrainingDivergedError(
-                f"gradguard: {self.consecutive_skips} bad steps in a row (max_consecutive_skips={limit}, last: "
+                f"gradguard: {self._consecutive_skips} bad steps in a row (max_consecutive_skips={limit}, last: "
                 f"{reason}); skipping is not helping", diagnosis)
         if error is None and self.on_nonfinite == "warn":
-            warnings.warn(f"gradguard skipped step {self.steps} ({reason})\n{diagnosis}", RuntimeWarning,
+            warnings.warn(f"gradguard skipped step {step} ({reason})\n{diagnosis}", RuntimeWarning,
                           stacklevel=stacklevel + 1)
         elif error is None and self.verbose and reason.value not in self._reported:
             self._reported.add(reason.value)
             action = "rolled back to the last snapshot" if self.on_nonfinite == "rollback" else "skipped"
             logger.warning("gradguard %s step %d (%s; first time for this reason, later ones are summarised every "
-                           "%d steps; verbose=False silences this)\n%s", action, self.steps, reason,
+                           "%d steps; verbose=False silences this)\n%s", action, step, reason,
                            self.summary_every, diagnosis)
-        self._maybe_summarize()
+        self._maybe_summarize(step)
         return error
 
-    def _maybe_summarize(self) -> None:
-        if self.steps % self.summary_every != 0:
+    def _maybe_summarize(self, step: int) -> None:
+        if step % self.summary_every != 0:
             return
         counts, self._since_summary = self._since_summary, {}
-        first, self._summary_start = self._summary_start, self.steps + 1
+        first, self._summary_start = self._summary_start, step + 1
         if not counts or not self.verbose:
             return
         detail = ", ".join(f"{n} {r}" for r, n in counts.items())
         logger.warning("gradguard: %d of steps %d-%d were not applied (%s); %d in total", sum(counts.values()),
-                       first, self.steps, detail, self.skipped_steps)
+                       first, step, detail, self._skipped_steps)
 
     # ---------------------------------------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """The counters: ``steps``, ``good_steps``, ``skipped_steps``, ``consecutive_skips`` (ints) and
-        ``skipped_by_reason`` (``{reason: int}``)."""
+        ``skipped_by_reason`` (``{reason: int}``). Deferred steps are settled first."""
+        self._settle_held()
         out: dict[str, Any] = {k: getattr(self, k) for k in _COUNTERS}
-        out["skipped_by_reason"] = dict(self.skipped_by_reason)
+        out["skipped_by_reason"] = dict(self._skipped_by_reason)
         return out
 
     @staticmethod
@@ -246,12 +428,16 @@ class SkipPolicy:
         self.apply_state(self.check_state(state))
 
     def apply_state(self, values: Mapping[str, Any]) -> None:
-        """Apply what :meth:`check_state` returned (cannot fail)."""
-        for k in _COUNTERS:
-            setattr(self, k, int(values[k]))
-        self.skipped_by_reason = dict(values["skipped_by_reason"])
-        self.last_skipped = False
-        self.last_reason = None
+        """Apply what :meth:`check_state` returned (cannot fail). Deferred steps not yet settled are dropped unread
+        (the loaded counters replace them), and so is an error kept for :meth:`settle`."""
+        self._blocks, self._rows, self._pending, self._held = [], [], 0, None
+        self.steps = int(values["steps"])
+        self._good_steps = int(values["good_steps"])
+        self._skipped_steps = int(values["skipped_steps"])
+        self._consecutive_skips = int(values["consecutive_skips"])
+        self._skipped_by_reason = dict(values["skipped_by_reason"])
+        self._last_skipped = False
+        self._last_reason = None
         self._since_summary = {}
         self._summary_start = self.steps + 1
 

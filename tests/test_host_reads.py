@@ -1,0 +1,216 @@
+"""Issue 11, zero host syncs: the host-read counter itself, the policy's deferred counters, and the host reads of
+``gg.attach`` and the trainer callbacks with ``host_sync=False`` (and the one read per step they cost by default)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradguard as gg
+from gradguard.diagnose import Diagnosis
+from gradguard.policy import Reason, SkipPolicy, deferred_diagnosis
+from hostreads import HostReads
+
+# ------------------------------------------------------------------------------------------- the counter itself
+
+
+@pytest.mark.parametrize(
+    ("what", "read"),
+    [
+        ("item", lambda t: t.item()),
+        ("bool", lambda t: bool(t > 0)),
+        ("if", lambda t: 1 if t > 0 else 0),
+        ("tolist", lambda t: t.tolist()),
+        ("float", lambda t: float(t)),
+        ("int", lambda t: int(t)),
+        ("equal", lambda t: torch.equal(t, t)),
+        ("numpy", lambda t: t.numpy()),
+        ("any", lambda t: bool(torch.isnan(t).any())),
+    ],
+)
+def test_the_counter_counts_each_kind_of_host_read_once(what, read):
+    t = torch.tensor(1.5)
+    with HostReads() as reads:
+        read(t)
+    assert reads.count() == 1, reads.report()
+    assert reads.count(within="gradguard") == 0  # this test's own read, not gradguard's
+
+
+def test_the_counter_ignores_device_ops_and_restores_tensor_methods():
+    tolist = torch.Tensor.tolist
+    x = torch.randn(64)
+    with HostReads() as reads:
+        y = torch.where(torch.isfinite(x), x * 2, torch.zeros_like(x))
+        flags = torch.stack([torch.isnan(y).any(), torch.isinf(y).any()])
+        z = torch.linalg.vector_norm(y) + flags.float().sum()
+        gg.clip_grad_norm_([torch.nn.Parameter(torch.ones(3))], 1.0)  # no gradient: nothing to read
+    assert reads.count() == 0, reads.report()
+    assert torch.Tensor.tolist is tolist
+    assert z.tolist() == pytest.approx(float(torch.linalg.vector_norm(x * 2)), rel=1e-6)  # outside: not counted
+    assert reads.count() == 0
+
+
+def test_the_counter_attributes_reads_to_gradguard_and_counts_device_to_cpu_copies():
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 2.0)
+    with HostReads() as reads:
+        gg.clip_grad_norm_([p], 1.0)  # on CPU, outside device_path(), the engine may read to skip a no-op write
+        p.grad.sum().item()
+    assert reads.count() >= 1
+    assert reads.count() - reads.count(within="gradguard") == 1  # our .item()
+    meta = torch.empty(2, device="meta")
+    # a non-CPU tensor copied to the CPU: counted when dispatched (meta has no data: torch may refuse the copy)
+    with HostReads() as reads, contextlib.suppress(NotImplementedError, RuntimeError):
+        meta.to("cpu")
+    assert reads.count() == 1, reads.report()
+
+
+# ------------------------------------------------------------------------------------ deferred policy counters
+
+_R = len(Reason)
+
+
+def _row(reason: int | None) -> list[bool]:
+    return [reason is not None and i == reason for i in range(_R)]
+
+
+def _eager(policy: SkipPolicy, flags: list[bool]) -> Exception | None:
+    policy.start()
+    reason = next((r for r, b in zip(Reason, flags) if b), None)
+    if reason is None:
+        policy.accept()
+        return None
+    return policy.reject(reason, deferred_diagnosis(reason, policy.steps))
+
+
+def _counters(policy: SkipPolicy) -> tuple:
+    return (policy.state_dict(), policy.last_skipped, policy.last_reason, policy.steps)
+
+
+@given(
+    steps=st.lists(st.tuples(st.lists(st.booleans(), min_size=_R, max_size=_R), st.booleans()), max_size=80),
+    policy=st.sampled_from(["skip", "warn", "rollback"]),
+    limit=st.sampled_from([None, 0, 2, 5]),
+    summary_every=st.sampled_from([1, 3, 7, 100]),
+)
+def test_deferred_counters_equal_eager_accept_reject(steps, policy, limit, summary_every):
+    """For any flag sequence (several flags per step included) and any settle points: the same counters, the same
+    log records, the same warnings and the same first TrainingDivergedError as accept()/reject() step by step."""
+    eager = SkipPolicy(policy, limit, summary_every=summary_every)
+    deferred = SkipPolicy(policy, limit, summary_every=summary_every)
+    logger = logging.getLogger("gradguard")
+    records: dict[str, list[str]] = {"eager": [], "deferred": []}
+
+    class Collect(logging.Handler):
+        def __init__(self, key: str) -> None:
+            super().__init__()
+            self.key = key
+
+        def emit(self, record: logging.LogRecord) -> None:
+            records[self.key].append(record.getMessage())
+
+    errors: dict[str, list[str]] = {"eager": [], "deferred": []}
+    caught: dict[str, list[str]] = {}
+    for key in ("eager", "deferred"):
+        handler = Collect(key)
+        logger.addHandler(handler)
+        try:
+            with warnings.catch_warnings(record=True) as w:
+                warnings.simplefilter("always")
+                for i, (flags, settle_here) in enumerate(steps):
+                    if key == "eager":
+                        error = _eager(eager, flags)
+                        if error is not None:
+                            errors[key].append(str(error))
+                    else:
+                        assert deferred.defer(torch.tensor(flags)) == i + 1
+                        if settle_here:
+                            error = deferred.settle()
+                            if error is not None:
+                                errors[key].append(str(error))
+                if key == "deferred":
+                    error = deferred.settle()
+                    if error is not None:
+                        errors[key].append(str(error))
+            caught[key] = [str(x.message) for x in w]
+        finally:
+            logger.removeHandler(handler)
+    assert _counters(deferred) == _counters(eager)
+    assert records["deferred"] == records["eager"]
+    assert caught["deferred"] == caught["eager"]
+    # eager returns an error at every step past the limit; deferred returns the first of each settled batch
+    assert set(errors["deferred"]) <= set(errors["eager"])
+    assert bool(errors["deferred"]) == bool(errors["eager"])
+    if errors["eager"]:
+        assert errors["deferred"][0] == errors["eager"][0]
+
+
+@given(reasons=st.lists(st.one_of(st.none(), st.integers(0, _R - 1)), min_size=1, max_size=40),
+       reads=st.sets(st.integers(0, 39)))
+def test_a_counter_read_settles_and_keeps_the_error_for_settle(reasons, reads):
+    """Reading a counter mid-way settles (then equal to eager); a divergence found by the read is not raised from
+    the property but returned by the next explicit settle()."""
+    eager, deferred = SkipPolicy("skip", 3, verbose=False), SkipPolicy("skip", 3, verbose=False)
+    first_error = None
+    for i, reason in enumerate(reasons):
+        error = _eager(eager, _row(reason))
+        first_error = first_error or (str(error) if error else None)
+        deferred.defer(torch.tensor(_row(reason)))
+        if i in reads:
+            assert deferred.skipped_steps == eager.skipped_steps
+            assert deferred.consecutive_skips == eager.consecutive_skips
+            assert deferred.pending_steps == 0
+    assert deferred.last_reason == eager.last_reason
+    error = deferred.settle()
+    assert (str(error) if error else None) == first_error
+    assert deferred.settle() is None  # handed over once
+
+
+def test_settle_is_one_host_read_and_reading_nothing_pending_is_none():
+    policy = SkipPolicy("skip", None, verbose=False)
+    with HostReads() as reads:
+        for i in range(600):  # more than one 256-step block
+            policy.defer(torch.tensor(_row(1 if i % 7 == 3 else None)))
+    assert reads.count() == 0, reads.report()
+    assert policy.pending_steps == 600
+    with HostReads() as reads:
+        assert policy.settle() is None
+    assert reads.count() == 1, reads.report()
+    assert (policy.steps, policy.skipped_steps, policy.good_steps) == (600, 86, 514)
+    assert policy.skipped_by_reason["nonfinite_grad"] == 86
+    with HostReads() as reads:
+        assert policy.settle() is None
+        assert policy.skipped_steps == 86
+        policy.state_dict()
+    assert reads.count() == 0
+
+
+def test_defer_refuses_bad_flags_and_the_raise_policy_before_counting():
+    policy = SkipPolicy("skip")
+    for bad, exc in [([True] * _R, TypeError), (torch.zeros(_R), ValueError), (torch.zeros(_R + 1, dtype=torch.bool),
+                     ValueError), (torch.zeros(1, _R, dtype=torch.bool), ValueError)]:
+        with pytest.raises(exc, match="bad must be"):
+            policy.defer(bad)  # type: ignore[arg-type]
+    assert policy.steps == 0 and policy.pending_steps == 0
+    with pytest.raises(ValueError, match="'raise' cannot be deferred"):
+        SkipPolicy("raise").defer(torch.zeros(_R, dtype=torch.bool))
+
+
+def test_eager_steps_after_deferred_ones_come_in_order_and_load_drops_pending():
+    policy = SkipPolicy("skip", None, verbose=False)
+    policy.defer(torch.tensor(_row(0)))
+    assert policy.start() == 2  # settles step 1 first
+    policy.accept()
+    assert (policy.skipped_steps, policy.good_steps, policy.last_skipped) == (1, 1, False)
+    state = policy.state_dict()
+    policy.defer(torch.tensor(_row(4)))
+    policy.load_state_dict(state)
+    assert policy.pending_steps == 0 and policy.state_dict() == state
+    assert isinstance(deferred_diagnosis(Reason.NONFINITE_GRAD, 3), Diagnosis)
+    assert deferred_diagnosis(Reason.GRAD_NORM_SPIKE, 3).event == "grad_norm_spike"
