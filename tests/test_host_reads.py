@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import warnings
 
 import pytest
@@ -214,3 +215,113 @@ def test_eager_steps_after_deferred_ones_come_in_order_and_load_drops_pending():
     assert policy.pending_steps == 0 and policy.state_dict() == state
     assert isinstance(deferred_diagnosis(Reason.NONFINITE_GRAD, 3), Diagnosis)
     assert deferred_diagnosis(Reason.GRAD_NORM_SPIKE, 3).event == "grad_norm_spike"
+
+
+# ------------------------------------------------------------------------------------------ gg.attach, 0 reads
+
+_FUSED = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, nesterov=True, fused=True),
+    "adam-masked": lambda ps: torch.optim.Adam(ps, lr=1e-2, foreach=False),  # not fused: the masked update
+}
+
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+
+def _batches(n: int, nan_at: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = [(torch.randn(8, 6, generator=g) * (4.0 if i % 5 == 0 else 1.0), torch.randn(8, 1, generator=g))
+           for i in range(n)]
+    if nan_at is not None:
+        x, y = out[nan_at][0].clone(), out[nan_at][1]
+        x[3, 2] = math.nan
+        out.insert(nan_at, (x, y))  # an extra, poisoned batch: the run without it never took that step
+    return out
+
+
+def _train(model, opt, batches) -> None:
+    for x, y in batches:
+        opt.zero_grad(set_to_none=True)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+
+def _same(model_a, opt_a, model_b, opt_b) -> None:
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = opt_a.state_dict()["state"], opt_b.state_dict()["state"]
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].keys() == sb[k].keys()
+        for name in sa[k]:
+            assert torch.equal(torch.as_tensor(sa[k][name]), torch.as_tensor(sb[k][name])), (k, name)
+
+
+@pytest.mark.parametrize("name", list(_FUSED))
+def test_attach_without_host_sync_reads_nothing_and_skips_the_nan_step_on_the_device(name):
+    """100 steps with gg.attach(host_sync=False), the 51st poisoned by a NaN input: no host read at all (after the
+    first step, which creates the optimizer state: a fused SGD's momentum buffers, a non-fused optimizer's state),
+    and weights, optimizer state (step counts included) and the clipper's statistics equal, bit for bit, a run
+    that never took that step. The counters are right when read at the end, at the cost of one read."""
+    model, ref_model = _net(), _net()
+    opt, ref_opt = _FUSED[name](model.parameters()), _FUSED[name](ref_model.parameters())
+    clip, ref_clip = gg.ZClip(warmup_steps=5), gg.ZClip(warmup_steps=5)
+    handle = gg.attach(opt, clip, model, host_sync=False)
+    gg.attach(ref_opt, ref_clip, ref_model, host_sync=False)
+    poisoned, clean = _batches(99, nan_at=50), _batches(99)
+    # a fused kernel reads nothing; torch's non-fused Adam reads its own CPU step counters (.item()): gradguard's
+    # reads are those with a gradguard frame on the stack
+    within = None if name in ("adamw", "sgd-momentum") else "gradguard"
+    with HostReads() as first:
+        _train(model, opt, poisoned[:1])
+    assert first.count(within) == (0 if name == "adamw" else 1), first.report()  # documented: the state-creating step
+    with HostReads() as reads:
+        _train(model, opt, poisoned[1:])
+    assert reads.count(within) == 0, reads.report(within)
+    assert len(poisoned) == 100 and not torch.isfinite(poisoned[50][0]).all() and handle.gate.policy.pending_steps == 100
+    _train(ref_model, ref_opt, clean)
+    _same(model, opt, ref_model, ref_opt)
+    for k, v in clip.state_dict().items():
+        assert torch.equal(torch.as_tensor(v), torch.as_tensor(ref_clip.state_dict()[k])), k
+    with HostReads() as reads:
+        counts = (handle.gate.steps, handle.skipped_steps, handle.gate.policy.good_steps, handle.last_skipped)
+    assert counts == (100, 1, 99, False)
+    assert handle.gate.policy.skipped_by_reason["nonfinite_grad"] == 1
+    assert reads.count() == 1, reads.report()
+    assert all(not hasattr(opt, a) for a in ("found_inf", "grad_scale"))  # put back after every step
+
+
+def test_attach_default_reads_the_flag_once_per_step():
+    """The cost host_sync=False removes: one read per step (on the accelerator path; on CPU outside it the engine's
+    shortcuts may add reads that cost no synchronisation there)."""
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    gg.attach(opt, gg.NormClip(0.5), model)
+    with HostReads() as reads, gg.norms.device_path():
+        _train(model, opt, _batches(100))
+    assert reads.count() == 100, reads.report()
+    assert reads.count(within="gradguard") == 100
+
+
+def test_attach_without_host_sync_raises_divergence_at_settle_and_refuses_what_needs_the_host():
+    model = _net()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    handle = gg.attach(opt, None, model, host_sync=False, max_consecutive_skips=2, settle_every=4)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = [(torch.full((8, 6), math.nan), torch.zeros(8, 1))] * 4
+    _train(model, opt, bad)  # 4 bad steps, all skipped on the device; nothing read yet
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row"):
+        _train(model, opt, bad[:1])  # the 5th step's pre-hook settles (settle_every=4) first
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    handle.remove()
+    for kwargs, exc in [({"on_nonfinite": "raise"}, ValueError), ({"monitor": object()}, (TypeError, ValueError)),
+                        ({"settle_every": 0}, ValueError), ({"host_sync": 1}, TypeError)]:
+        with pytest.raises(exc):
+            gg.attach(opt, None, model, **{"host_sync": False, **kwargs})
+    with pytest.raises(ValueError, match="settle_every only applies"):
+        gg.attach(opt, None, model, settle_every=10)
+    assert not opt._optimizer_step_pre_hooks  # nothing was attached by the refused calls

@@ -235,6 +235,7 @@ def step_on_device(
         finish(completed)
 
 
+@torch.no_grad()
 def prepare_step(
     optimizer: torch.optim.Optimizer, ok: Tensor, coef: Tensor | None = None, *, params: Sequence[Tensor] | None = None
 ) -> Callable[[bool], None] | None:
@@ -363,7 +364,8 @@ def _masked_begin(optimizer: torch.optim.Optimizer, params: list[Tensor], finite
     def finish(completed: bool) -> None:
         if not completed:
             return
-        _masked_restore(backup, optimizer, finite)
+        with torch.no_grad():  # a step post-hook runs outside the step's no_grad
+            _masked_restore(backup, optimizer, finite)
         created = [p for p in absent if optimizer.state.get(p)]
         if created and not bool(finite):  # once per parameter, on its first step
             for p in created:
