@@ -130,7 +130,9 @@ class StepGate(PolicyCounters):
         self.last_stats: ClipStats | None = None
         self.last_diagnosis: Diagnosis | None = None  # the last skipped step's (host_sync=True only)
         self.host_sync = host_sync
+        self.last_bad: Tensor | None = None  # the last step's 0-d bool "not applied" flag, on the device
         self._reason_masks: dict[torch.device, Tensor] = {}
+        self._finish: Any = None  # host_sync=False: what completes the step prepared before optimizer.step()
 
     # the policy's settings and counters (on_nonfinite, skipped_steps, ... from PolicyCounters), and:
     @property
@@ -149,6 +151,7 @@ class StepGate(PolicyCounters):
                                          process_group=self.process_group)
                 stats = ClipStats.unclipped(norm=total)
         bad = distributed.any_across_ranks(~stats.finite)
+        self.last_bad = bad
         skipped = bool(bad)  # the one host read per step: deciding to skip needs it
         step = self.policy.start()
         self.last_stats = stats
@@ -190,7 +193,27 @@ class StepGate(PolicyCounters):
                 self._reason_masks[bad.device] = mask
             self.policy.defer(mask & bad)
         self.last_stats = stats
+        self.last_bad = bad
         return stats, ~bad, coef
+
+    def prepare_device_step(self, parameters: Parameters, optimizer: torch.optim.Optimizer) -> tuple[ClipStats, Tensor]:
+        """``host_sync=False``, before the ``optimizer.step()`` that someone else calls: clip and decide
+        (:meth:`decide_on_device`) and arrange for that step to be taken only where ``ok``
+        (:func:`gradguard.fused.prepare_step`); :meth:`finish_device_step` must follow the step. Returns
+        ``(stats, ok)``. ``optimizer`` is the torch optimizer that steps (not a trainer's wrapper)."""
+        self.finish_device_step(False)  # the previous step raised before it was finished: put the attributes back
+        with_grad = [p for p in optimizer_parameters(optimizer) if p.grad is not None]
+        stats, ok, coef = self.decide_on_device(parameters, optimizer, with_grad)
+        self._finish = prepare_step(optimizer, ok, coef, params=with_grad)
+        if self._finish is None:  # a fused SGD's first step, found non-finite on the host: nothing may step
+            skip_step_(with_grad)
+        return stats, ok
+
+    def finish_device_step(self, completed: bool = True) -> None:
+        """After the step :meth:`prepare_device_step` prepared (``completed=False``: it raised, or never ran)."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(completed)
 
     def settle(self) -> None:
         """Fold the deferred steps into the counters (one host read, none when nothing is pending) and raise
@@ -262,7 +285,6 @@ class AttachHandle:
         self._monitor = monitor
         self._model = parameters if isinstance(parameters, nn.Module) else None
         self._settle_every = settle_every
-        self._finish: Any = None  # host_sync=False: what completes the step prepared in the pre-hook
         self._pre = optimizer.register_step_pre_hook(self._pre_hook)
         wants_post = monitor is not None or not gate.host_sync
         self._post = optimizer.register_step_post_hook(self._post_hook) if wants_post else None
@@ -296,19 +318,10 @@ class AttachHandle:
         if self.gate.host_sync:
             self.gate(target, params)
             return
-        self._close(False)  # the previous step raised before its post-hook: put the optimizer's attributes back
         if self._settle_every is not None and self.gate.steps % self._settle_every == 0:
+            self.gate.finish_device_step(False)
             self.gate.settle()  # the host read asked for (none at step 0): raise a divergence before this step
-        with_grad = [p for p in params if p.grad is not None]
-        _, ok, coef = self.gate.decide_on_device(target, optimizer, with_grad)
-        self._finish = prepare_step(optimizer, ok, coef, params=with_grad)
-        if self._finish is None:  # a fused SGD's first step, found non-finite on the host: nothing may step
-            skip_step_(with_grad)
-
-    def _close(self, completed: bool) -> None:
-        finish, self._finish = self._finish, None
-        if finish is not None:
-            finish(completed)
+        self.gate.prepare_device_step(target, optimizer)
 
     def settle(self) -> None:
         """``host_sync=False``: read the deferred steps now (one host read; none when nothing is pending) and raise
@@ -318,7 +331,7 @@ class AttachHandle:
         self.gate.settle()
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        self._close(True)
+        self.gate.finish_device_step(True)
         if self._monitor is None:
             return
         reason = self.gate.last_reason
@@ -330,7 +343,7 @@ class AttachHandle:
         """Detach from the optimizer: later steps run unclipped and unchecked. Idempotent."""
         if self.removed:
             return
-        self._close(False)
+        self.gate.finish_device_step(False)
         self._pre.remove()
         if self._post is not None:
             self._post.remove()
