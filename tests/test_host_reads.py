@@ -325,3 +325,106 @@ def test_attach_without_host_sync_raises_divergence_at_settle_and_refuses_what_n
     with pytest.raises(ValueError, match="settle_every only applies"):
         gg.attach(opt, None, model, settle_every=10)
     assert not opt._optimizer_step_pre_hooks  # nothing was attached by the refused calls
+
+
+# -------------------------------------------------------------------------------------------- Lightning
+
+def _lightning_fit(tmp_path, callback, x, y, steps: int, *, every: int = 25, bn: bool = False):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.loggers import CSVLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            layers = [torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)]
+            self.net = torch.nn.Sequential(*([torch.nn.BatchNorm1d(4)] if bn else []), *layers)
+
+        def training_step(self, batch, batch_idx):
+            xb, yb = batch
+            return torch.nn.functional.mse_loss(self.net(xb), yb)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=0.01, fused=True)
+
+    trainer = L.Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path), log_every_n_steps=every,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        callbacks=[callback] if callback is not None else [],
+    )
+    module = Module()
+    with HostReads() as reads:
+        trainer.fit(module, DataLoader(TensorDataset(x, y), batch_size=4))
+    return module, reads, trainer
+
+
+def _regression_data(batches: int, nan_batch: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batches * 4, 4, generator=g), torch.randn(batches * 4, 1, generator=g)
+    if nan_batch is not None:  # an extra batch, poisoned: the clean run never sees it
+        bad_x = torch.randn(4, 4, generator=g)
+        bad_x[1, 2] = math.nan
+        x = torch.cat([x[: nan_batch * 4], bad_x, x[nan_batch * 4:]])
+        y = torch.cat([y[: nan_batch * 4], torch.zeros(4, 1), y[nan_batch * 4:]])
+    return x, y
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Lightning's advice about dataloader workers
+def test_lightning_without_host_sync_reads_once_per_log_interval(tmp_path):
+    """100 steps, a NaN batch at step 51, log_every_n_steps=25. gradguard's own host reads: 4, the counters'
+    settle at each log step. Lightning adds its conversion of the 5 logged values at each log step (20). Weights
+    and AdamW state equal, bit for bit, those of a run without the NaN batch."""
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    cb = GradGuardCallback(gg.NormClip(0.5), host_sync=False, verbose=False)
+    model, reads, _ = _lightning_fit(tmp_path / "a", cb, *_regression_data(99, nan_batch=50), 100)
+    ref_cb = GradGuardCallback(gg.NormClip(0.5), host_sync=False, verbose=False)
+    ref, _, _ = _lightning_fit(tmp_path / "b", ref_cb, *_regression_data(99), 99)
+    _, baseline, _ = _lightning_fit(tmp_path / "c", None, *_regression_data(100), 100)
+    assert reads.count(within="gradguard") == 4, reads.report("gradguard")
+    assert reads.count() - baseline.count() == 4 + 5 * 4, reads.report()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert (cb.gate.steps, cb.gate.skipped_steps, cb.gate.policy.good_steps) == (100, 1, 99)
+    logged = (tmp_path / "a" / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    assert logged[0].count("gradguard/") == 5 and len(logged) == 1 + 4  # header, then the 4 log steps only
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_lightning_default_reads_once_per_step_and_device_mode_restores_batchnorm(tmp_path):
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    cb = GradGuardCallback(gg.NormClip(0.5), verbose=False)
+    with gg.norms.device_path():  # the accelerator path: on CPU the engine's shortcuts may add free reads
+        _, reads, _ = _lightning_fit(tmp_path / "a", cb, *_regression_data(100), 100)
+    assert reads.count(within="gradguard") == 100, reads.report("gradguard")
+    # BatchNorm running statistics: a skipped step leaves them as a run without that batch, on the device path too
+    cb = GradGuardCallback(None, host_sync=False, verbose=False)
+    model, _, _ = _lightning_fit(tmp_path / "b", cb, *_regression_data(9, nan_batch=4), 10, every=5, bn=True)
+    ref, _, _ = _lightning_fit(tmp_path / "c", GradGuardCallback(None, host_sync=False), *_regression_data(9), 9,
+                               every=5, bn=True)
+    for a, b in zip(model.buffers(), ref.buffers()):
+        assert torch.equal(a, b)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert cb.gate.skipped_steps == 1
+
+
+def test_lightning_host_sync_false_refuses_a_grad_scaler_and_a_monitor(tmp_path):
+    L = pytest.importorskip("lightning")
+    from gradguard.integrations.lightning import GradGuardCallback
+
+    with pytest.raises(ValueError, match="monitor= needs host_sync=True"):
+        GradGuardCallback(monitor=gg.Monitor(tmp_path / "m"), host_sync=False)
+    with pytest.raises(ValueError, match="on_nonfinite='raise' needs host_sync=True"):
+        GradGuardCallback(on_nonfinite="raise", host_sync=False)
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaled = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = L.Trainer(accelerator="cpu", plugins=[scaled], logger=False, enable_progress_bar=False,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match="cannot run under a GradScaler"):
+        GradGuardCallback(host_sync=False).setup(trainer, None, "fit")
+    GradGuardCallback(host_sync=True).setup(trainer, None, "fit")  # the default mode takes it
