@@ -428,3 +428,93 @@ def test_lightning_host_sync_false_refuses_a_grad_scaler_and_a_monitor(tmp_path)
     with pytest.raises(ValueError, match="cannot run under a GradScaler"):
         GradGuardCallback(host_sync=False).setup(trainer, None, "fit")
     GradGuardCallback(host_sync=True).setup(trainer, None, "fit")  # the default mode takes it
+
+
+# ---------------------------------------------------------------------------------------- Hugging Face
+
+def _hf_fit(tmp_path, callback, x, y, steps: int, *, bind: bool = False, logging_steps: int = 25):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class Data(Dataset):
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i):
+            return {"x": x[i], "labels": y[i]}
+
+    class Regressor(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def forward(self, x, labels=None):
+            out = self.net(x)
+            return {"loss": torch.nn.functional.mse_loss(out, labels), "logits": out}
+
+    model = Regressor()
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=steps, learning_rate=0.01,
+        lr_scheduler_type="constant", max_grad_norm=0.0, report_to=[], use_cpu=True, logging_steps=logging_steps,
+        save_strategy="no", disable_tqdm=True, train_sampling_strategy="sequential", seed=0,
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, fused=True)
+    callbacks = [callback] if callback is not None and not bind else []
+    trainer = Trainer(model=model, args=args, train_dataset=Data(), callbacks=callbacks, optimizers=(opt, None))
+    if bind:
+        callback.bind(trainer)
+    with HostReads() as reads:
+        trainer.train()
+    return model, reads, trainer
+
+
+@pytest.mark.parametrize("bind", [False, True], ids=["unbound", "bound"])
+def test_transformers_without_host_sync_reads_twice_per_logging_step(tmp_path, bind):
+    """100 steps, logging_steps=25, a NaN batch at step 51: gradguard's own host reads are 8, two per logging step
+    (the statistics, and the skip counters). On clean data the Trainer with the callback reads exactly 8 more times
+    than without it: the callback adds no read to the Trainer's own (its loss NaN filter, its logs). Weights and
+    AdamW state equal, bit for bit, a run that never saw the NaN batch."""
+    from gradguard.integrations.transformers import GradGuardCallback
+
+    def make():
+        return GradGuardCallback(gg.NormClip(0.5), host_sync=False, verbose=False)
+
+    cb = make()
+    model, reads, trainer = _hf_fit(tmp_path / "a", cb, *_regression_data(99, nan_batch=50), 100, bind=bind)
+    assert reads.count(within="gradguard") == 8, reads.report("gradguard")
+    ref, _, _ = _hf_fit(tmp_path / "b", make(), *_regression_data(99), 99, bind=bind)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(a, b)
+    assert (cb.gate.steps, cb.gate.skipped_steps) == (100, 1)
+    logged = [h for h in trainer.state.log_history if "gradguard/skipped" in h]
+    assert [h["gradguard/skipped"] for h in logged] == [0.0, 0.0, 1.0, 0.0]
+    assert [h["gradguard/skipped_total"] for h in logged] == [0.0, 0.0, 1.0, 1.0]
+    _, with_cb, _ = _hf_fit(tmp_path / "c", make(), *_regression_data(100), 100, bind=bind)
+    _, without, _ = _hf_fit(tmp_path / "d", None, *_regression_data(100), 100)
+    assert with_cb.count() - without.count() == 8, with_cb.report()
+
+
+def test_transformers_default_reads_once_per_step_plus_once_per_log(tmp_path):
+    from gradguard.integrations.transformers import GradGuardCallback
+
+    cb = GradGuardCallback(gg.NormClip(0.5), verbose=False)
+    with gg.norms.device_path():  # the accelerator path: on CPU the engine's shortcuts may add free reads
+        _, reads, _ = _hf_fit(tmp_path, cb, *_regression_data(100), 100)
+    assert reads.count(within="gradguard") == 100 + 4, reads.report("gradguard")
+
+
+def test_transformers_host_sync_false_refuses_fp16_and_a_monitor(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import TrainingArguments
+
+    from gradguard.integrations.transformers import GradGuardCallback
+
+    with pytest.raises(ValueError, match="monitor= needs host_sync=True"):
+        GradGuardCallback(monitor=gg.Monitor(tmp_path / "m"), host_sync=False)
+    args = TrainingArguments(output_dir=str(tmp_path), max_grad_norm=0.0, report_to=[], use_cpu=True)
+    args.fp16 = True  # set after construction: fp16 on a CPU-only machine is refused by TrainingArguments itself
+    with pytest.raises(ValueError, match=r"fp16=True"):
+        GradGuardCallback(host_sync=False).on_train_begin(args, None, None)
