@@ -20,7 +20,7 @@ kernel, which then leaves weights, state and step counts as they were; any other
 state: one extra copy of each, refilled in place every step) in the pre-hook and ``where(ok, new, old)``-selected in
 the post-hook. The counters are the policy's deferred ones (:meth:`gradguard.policy.SkipPolicy.defer`): read on the
 host only when you read them, or at :meth:`AttachHandle.settle`. Host reads left: a fused SGD with momentum reads the
-flag on its first step (its momentum buffers are created then) and a non-fused optimizer once per parameter on the
+flag on its first step (its momentum buffers are created then) and a non-fused optimizer once on the
 step that creates its state; none after.
 
 The closure caveat: the pre-hook runs *before* ``optimizer.step(closure)`` calls the closure, i.e. before this
