@@ -518,3 +518,50 @@ def test_transformers_host_sync_false_refuses_fp16_and_a_monitor(tmp_path):
     args.fp16 = True  # set after construction: fp16 on a CPU-only machine is refused by TrainingArguments itself
     with pytest.raises(ValueError, match=r"fp16=True"):
         GradGuardCallback(host_sync=False).on_train_begin(args, None, None)
+
+
+# ------------------------------------------------------------------------------------------ 2 ranks, gloo
+
+def _two_rank_worker(rank: int, port: int) -> None:
+    import torch.distributed as dist
+
+    from test_distributed import _init
+
+    _init(rank, port)
+    try:
+        model, ref = _net(), _net()  # the same initial weights on both ranks
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, fused=True)
+        handle = gg.attach(opt, gg.NormClip(1.0), model, host_sync=False)
+        gg.attach(ref_opt, gg.NormClip(1.0), ref, host_sync=False)
+        g = torch.Generator().manual_seed(10 + rank)  # different data on each rank, gradients not synchronised
+        data = [(torch.randn(8, 6, generator=g), torch.randn(8, 1, generator=g)) for _ in range(6)]
+        poisoned = list(data)
+        if rank == 1:  # only rank 1's gradients are non-finite at step 3: every rank must skip it
+            x = data[2][0].clone()
+            x[0, 0] = math.nan
+            poisoned[2] = (x, data[2][1])
+        with HostReads() as reads:
+            _train(model, opt, poisoned)
+        assert reads.count() == 0, reads.report()
+        _train(ref, ref_opt, data[:2] + data[3:])  # both ranks run the same collectives
+        for a, b in zip(model.parameters(), ref.parameters()):
+            assert torch.equal(a, b)
+        assert (handle.gate.steps, handle.skipped_steps) == (6, 1)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_attach_without_host_sync_skips_on_every_rank_with_no_host_read():
+    """2 gloo ranks: one rank's NaN gradients make every rank skip the step, decided by the MAX all-reduce of the
+    flag on the device; no host read on either rank."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from test_distributed import _run
+
+    _run(_two_rank_worker)
