@@ -306,6 +306,48 @@ def test_attach_default_reads_the_flag_once_per_step():
     assert reads.count(within="gradguard") == 100
 
 
+def test_attach_without_host_sync_composes_with_a_grad_scaler_driving_a_fused_optimizer():
+    """unscale_, then scaler.step(opt) sets its own grad_scale/found_inf and calls opt.step(): the pre-hook folds the
+    clip and ORs its flag into the scaler's, the post-hook puts the scaler's attributes back (the scaler deletes
+    them). Oracle: gg.fused_clip_step(opt, clip, scaler=scaler), the same decisions taken in one call; overflow and
+    NaN steps included. No host read, and the loss scale backs off and grows identically."""
+    def setup():
+        model = _net()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        return model, opt, torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
+
+    model, opt, scaler = setup()
+    ref, ref_opt, ref_scaler = setup()
+    clip, ref_clip = gg.NormClip(0.5), gg.NormClip(0.5)
+    gg.attach(opt, clip, model, host_sync=False)
+    batches = _batches(30)
+    for i in (7, 19):
+        batches[i] = (batches[i][0] * (math.inf if i == 7 else math.nan), batches[i][1])
+
+    def backward(net, scl, x, y):
+        scl.scale(torch.nn.functional.mse_loss(net(x), y)).backward()
+
+    with HostReads() as reads:
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            backward(model, scaler, x, y)
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+    assert reads.count() == 0, reads.report()
+    with gg.norms.device_path():
+        for x, y in batches:
+            ref_opt.zero_grad(set_to_none=True)
+            backward(ref, ref_scaler, x, y)
+            gg.fused_clip_step(ref_opt, ref_clip, scaler=ref_scaler)
+            ref_scaler.update()
+    _same(model, opt, ref, ref_opt)
+    assert scaler.get_scale() == ref_scaler.get_scale()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert float(opt.state[next(iter(model.parameters()))]["step"]) == 28
+    assert all(not hasattr(opt, a) for a in ("found_inf", "grad_scale"))
+
+
 def test_attach_without_host_sync_raises_divergence_at_settle_and_refuses_what_needs_the_host():
     model = _net()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
