@@ -607,3 +607,27 @@ def test_attach_without_host_sync_skips_on_every_rank_with_no_host_read():
     from test_distributed import _run
 
     _run(_two_rank_worker)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("trainer", ["lightning", "transformers"])
+def test_callbacks_without_host_sync_raise_divergence_at_the_first_log_step(tmp_path, trainer):
+    """Every batch NaN, max_consecutive_skips=2, logging every 4 steps: the deferred counters are read at the first
+    log step and TrainingDivergedError stops training there."""
+    x, y = _regression_data(12)
+    x[:] = math.nan
+    if trainer == "lightning":
+        from gradguard.integrations.lightning import GradGuardCallback
+
+        cb = GradGuardCallback(gg.NormClip(0.5), host_sync=False, max_consecutive_skips=2, verbose=False)
+        with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row"):
+            _lightning_fit(tmp_path, cb, x, y, 12, every=4)
+    else:
+        from gradguard.integrations.transformers import GradGuardCallback
+
+        cb = GradGuardCallback(gg.NormClip(0.5), host_sync=False, max_consecutive_skips=2, verbose=False)
+        with pytest.raises(gg.TrainingDivergedError, match="3 bad steps in a row"):
+            _hf_fit(tmp_path, cb, x, y, 12, logging_steps=4)
+    # Lightning settles before preparing step 4 (3 pending), the Trainer's on_log after step 4 (4 pending)
+    assert cb.gate.steps == (3 if trainer == "lightning" else 4)
+    assert cb.gate.skipped_steps == cb.gate.steps
