@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -71,7 +71,7 @@ from gradguard.clippers.norm import LayerwiseClip, NormClip, ValueClip
 from gradguard.clippers.zclip import ZClip
 from gradguard.scaling import deferred_scale, scale_
 
-__all__ = ["fused_clip_step", "step_on_device", "supports_fused_step"]
+__all__ = ["clip_for_step", "fused_clip_step", "prepare_step", "step_on_device", "supports_fused_step"]
 
 _FUSED = (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD, torch.optim.Adagrad)
 # clippers whose last access to the gradients is one global scale_ (the factor can be deferred to the kernel)
@@ -182,15 +182,29 @@ def fused_clip_step(
     # ---- unscale, clip (deferring a global factor), decide on the device, step
     if scaler is not None:
         unscale_once(scaler, optimizer)
-    grads = [p.grad for p in params]
-    fold = fused and _foldable(clip) and all(g.dtype == torch.float32 for g in grads)  # type: ignore[union-attr]
-    if fold:
-        stats, coef = _clip_deferred(clip, params if parameters is None else parameters, grads)
-    else:
-        stats = clip(params if parameters is None else parameters)
-        coef = None
+    stats, coef = clip_for_step(optimizer, clip, params if parameters is None else parameters, params)
     step_on_device(optimizer, stats.finite, coef, params=params)
     return stats
+
+
+def clip_for_step(
+    optimizer: torch.optim.Optimizer, clipper: Clipper, target: Parameters, params: Sequence[Tensor]
+) -> tuple[ClipStats, Tensor | None]:
+    """Run ``clipper`` on ``target`` for a step of ``optimizer`` over ``params`` (its parameters with gradients):
+    ``(stats, coef)``, where ``coef`` is the global factor left for the kernel's ``grad_scale`` (``None``: the
+    clipper wrote the gradients itself). The factor is deferred only for a fused optimizer, a clipper whose last
+    write is one global scale (see the module docstring), float32 gradients, and ``target`` covering exactly
+    ``params``' gradients; and only when no ``grad_scale`` is set on the optimizer already (a GradScaler's)."""
+    grads = [p.grad for p in params]
+    fold = (
+        supports_fused_step(optimizer)
+        and vars(optimizer).get("grad_scale") is None
+        and _foldable(clipper)
+        and all(g is not None and g.dtype == torch.float32 for g in grads)
+    )
+    if fold:
+        return _clip_deferred(clipper, target, grads)
+    return clipper(target), None
 
 
 def step_on_device(
@@ -208,18 +222,45 @@ def step_on_device(
     ``params``: the parameters with gradients (default: the optimizer's).
 
     The one place gradguard skips a step on the device: :func:`fused_clip_step`, the Guard's ``host_sync=False``
-    mode and ``gg.attach`` use it.
+    mode and ``gg.attach`` (through :func:`prepare_step`, its two halves) use it.
+    """
+    finish = prepare_step(optimizer, ok, coef, params=params)
+    if finish is None:
+        return
+    completed = False
+    try:
+        optimizer.step()
+        completed = True
+    finally:
+        finish(completed)
+
+
+@torch.no_grad()
+def prepare_step(
+    optimizer: torch.optim.Optimizer, ok: Tensor, coef: Tensor | None = None, *, params: Sequence[Tensor] | None = None
+) -> Callable[[bool], None] | None:
+    """:func:`step_on_device` in two halves, for a caller that does not call ``optimizer.step()`` itself (the step
+    hooks of ``gg.attach``): prepare the next ``optimizer.step()`` to be taken where ``ok``, not at all otherwise,
+    and return ``finish(completed)``, to call right after that step (``completed=False`` if it raised: the
+    optimizer's attributes are put back, no masked select is made).
+
+    Fused optimizers: ``found_inf`` (and ``grad_scale`` for a ``coef``) are set on the optimizer until ``finish``;
+    values already there (a ``GradScaler`` driving the step) are combined (``found_inf`` the maximum of both,
+    ``grad_scale`` their product) and put back. Other optimizers: parameters and state are copied here and selected
+    in ``finish``. Returns ``None`` when the step must not happen at all (a fused SGD's first step with momentum read
+    as non-finite on the host): the caller then keeps the optimizer from stepping (e.g. by dropping the gradients).
     """
     if params is None:
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     params = list(params)
     if supports_fused_step(optimizer):
-        _fused_step(optimizer, ok, coef)
-        return
+        if _first_step(optimizer) and not bool(ok):  # once per run: lazily created state cannot be un-created
+            return None
+        return _arm(optimizer, ok, coef)
     _check_state(optimizer, params)
     if coef is not None:
         scale_([p.grad for p in params if p.grad is not None], coef)
-    _masked_step(optimizer, params, ok)
+    return _masked_begin(optimizer, params, ok)
 
 
 def _as_clipper(clipper: Clipper | float) -> Clipper:
@@ -280,28 +321,36 @@ def _first_step(optimizer: torch.optim.Optimizer) -> bool:
     )
 
 
-def _fused_step(optimizer: torch.optim.Optimizer, finite: Tensor, coef: Tensor | None) -> None:
-    if _first_step(optimizer):
-        if bool(finite):  # once per run: lazily created state cannot be un-created on the device
-            _kernel_step(optimizer, finite, coef)
-        return
-    _kernel_step(optimizer, finite, coef)
+_ABSENT = object()
 
 
-def _kernel_step(optimizer: torch.optim.Optimizer, finite: Tensor, coef: Tensor | None) -> None:
+def _arm(optimizer: torch.optim.Optimizer, finite: Tensor, coef: Tensor | None) -> Callable[[bool], None]:
+    """Set ``found_inf = ~finite`` (and ``grad_scale = 1/coef``) for the next kernel step; returns what puts the
+    optimizer's attributes back as they were."""
+    before = {a: vars(optimizer).get(a, _ABSENT) for a in ("grad_scale", "found_inf")}
     found_inf = (~finite).to(torch.float32)
+    prev_inf, prev_scale = before["found_inf"], before["grad_scale"]
+    if isinstance(prev_inf, Tensor):  # a GradScaler's overflow flag: skip if either says so
+        found_inf = torch.maximum(found_inf.to(prev_inf.device), prev_inf.to(torch.float32))
     grad_scale = None if coef is None else torch.reciprocal(coef.to(torch.float32))
+    if isinstance(prev_scale, Tensor):  # the kernel divides by both
+        grad_scale = prev_scale if grad_scale is None else prev_scale * grad_scale.to(prev_scale.device)
     optimizer.grad_scale = grad_scale  # type: ignore[attr-defined]
     optimizer.found_inf = found_inf  # type: ignore[attr-defined]
-    try:
-        optimizer.step()
-    finally:
-        del optimizer.grad_scale  # type: ignore[attr-defined]
-        del optimizer.found_inf  # type: ignore[attr-defined]
+
+    def finish(completed: bool) -> None:
+        for attr, value in before.items():
+            if value is _ABSENT:
+                vars(optimizer).pop(attr, None)
+            else:
+                setattr(optimizer, attr, value)
+
+    return finish
 
 
-def _masked_step(optimizer: torch.optim.Optimizer, params: list[Tensor], finite: Tensor) -> None:
-    """Step, then ``x <- where(finite, x_new, x_old)`` for every parameter and state tensor: exact, no host read.
+def _masked_begin(optimizer: torch.optim.Optimizer, params: list[Tensor], finite: Tensor) -> Callable[[bool], None]:
+    """Copy parameters and state before the step; the returned ``finish`` sets ``x <- where(finite, x_new, x_old)``
+    for every parameter and state tensor after it: exact, no host read.
 
     State that this step creates (a parameter's first step) cannot be un-created on the device: only then is the
     flag read on the host, and on a non-finite step that new state is dropped, as if the step had not run.
@@ -311,12 +360,18 @@ def _masked_step(optimizer: torch.optim.Optimizer, params: list[Tensor], finite:
     if backup is None:
         backup = _backups[optimizer] = StepBackup()
     backup.capture(params, optimizer)
-    optimizer.step()
-    _masked_restore(backup, optimizer, finite)
-    created = [p for p in absent if optimizer.state.get(p)]
-    if created and not bool(finite):  # once per parameter, on its first step
-        for p in created:
-            del optimizer.state[p]
+
+    def finish(completed: bool) -> None:
+        if not completed:
+            return
+        with torch.no_grad():  # a step post-hook runs outside the step's no_grad
+            _masked_restore(backup, optimizer, finite)
+        created = [p for p in absent if optimizer.state.get(p)]
+        if created and not bool(finite):  # once per parameter, on its first step
+            for p in created:
+                del optimizer.state[p]
+
+    return finish
 
 
 def _masked_restore(backup: StepBackup, optimizer: torch.optim.Optimizer, finite: Tensor) -> None:

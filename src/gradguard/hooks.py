@@ -12,6 +12,17 @@ Every ``optimizer.step()`` first runs, on the optimizer's parameters:
 
 Reading the flag is the one host-device synchronisation per step; it is what deciding to skip costs.
 
+``host_sync=False`` keeps the decision on the device instead (issue 11): the clipper runs on the accelerator path
+(:func:`gradguard.norms.device_path`), and the step is taken or not by :func:`gradguard.fused.prepare_step`, the two
+halves of :func:`gradguard.fused.step_on_device` placed in the pre-hook and a post-hook: a fused Adam, AdamW, SGD or
+Adagrad (``fused=True``) gets ``found_inf = ~ok`` (and ``grad_scale = 1/c`` when the clip can be folded) for its
+kernel, which then leaves weights, state and step counts as they were; any other optimizer is copied (parameters and
+state: one extra copy of each, refilled in place every step) in the pre-hook and ``where(ok, new, old)``-selected in
+the post-hook. The counters are the policy's deferred ones (:meth:`gradguard.policy.SkipPolicy.defer`): read on the
+host only when you read them, or at :meth:`AttachHandle.settle`. Host reads left: a fused SGD with momentum reads the
+flag on its first step (its momentum buffers are created then) and a non-fused optimizer once on the
+step that creates its state; none after.
+
 The closure caveat: the pre-hook runs *before* ``optimizer.step(closure)`` calls the closure, i.e. before this
 step's gradients exist. A step called with a closure (LBFGS, Lightning) therefore raises instead of clipping stale
 gradients; use :class:`gradguard.Guard` (``guard.step(closure)``) or the Lightning callback there.
@@ -32,7 +43,9 @@ from torch import Tensor, nn
 from gradguard import distributed, norms
 from gradguard._checks import check_monitor
 from gradguard.clippers.base import Clipper, ClipStats, Parameters, resolve_parameters
+from gradguard.clippers.state import check_int
 from gradguard.diagnose import Diagnosis, explain, nonfinite_names
+from gradguard.fused import clip_for_step, prepare_step
 from gradguard.policy import PolicyCounters, Reason, SkipPolicy, check_process_group, learning_rate
 
 __all__ = ["AttachHandle", "StepGate", "attach", "skip_step_"]
@@ -76,6 +89,10 @@ class StepGate(PolicyCounters):
         verbose: report the first skip of each kind and a summary every ``summary_every`` steps on the
             ``"gradguard"`` logger (see :mod:`gradguard.policy`).
         summary_every: steps between summaries.
+        host_sync: ``True`` (default): read the finite flag once per step (:meth:`__call__`). ``False``: keep it on
+            the device (:meth:`decide_on_device`; the owner applies the skip with
+            :func:`gradguard.fused.prepare_step`), the counters deferred until read; ``on_nonfinite="raise"`` needs
+            ``True`` (the error must stop the step before the weights change).
     """
 
     def __init__(
@@ -88,7 +105,15 @@ class StepGate(PolicyCounters):
         *,
         verbose: bool = True,
         summary_every: int = 100,
+        host_sync: bool = True,
     ) -> None:
+        if not isinstance(host_sync, bool):
+            raise TypeError(f"host_sync must be a bool, got {type(host_sync).__name__}")
+        if not host_sync and on_nonfinite == "raise":
+            raise ValueError(
+                "on_nonfinite='raise' needs host_sync=True: the error must be raised before the step is applied, "
+                "which needs the finite flag on the host; pass on_nonfinite='skip' or 'warn' with host_sync=False"
+            )
         if clipper is not None and not isinstance(clipper, Clipper):
             raise TypeError(
                 f"clipper must be a gradguard Clipper (e.g. gg.NormClip(1.0), gg.ZClip()) or None, got "
@@ -103,7 +128,11 @@ class StepGate(PolicyCounters):
         self.process_group = process_group
         self.norm_type = norm_type
         self.last_stats: ClipStats | None = None
-        self.last_diagnosis: Diagnosis | None = None  # the last skipped step's
+        self.last_diagnosis: Diagnosis | None = None  # the last skipped step's (host_sync=True only)
+        self.host_sync = host_sync
+        self.last_bad: Tensor | None = None  # the last step's 0-d bool "not applied" flag, on the device
+        self._reason_masks: dict[torch.device, Tensor] = {}
+        self._finish: Any = None  # host_sync=False: what completes the step prepared before optimizer.step()
 
     # the policy's settings and counters (on_nonfinite, skipped_steps, ... from PolicyCounters), and:
     @property
@@ -122,6 +151,7 @@ class StepGate(PolicyCounters):
                                          process_group=self.process_group)
                 stats = ClipStats.unclipped(norm=total)
         bad = distributed.any_across_ranks(~stats.finite)
+        self.last_bad = bad
         skipped = bool(bad)  # the one host read per step: deciding to skip needs it
         step = self.policy.start()
         self.last_stats = stats
@@ -134,6 +164,63 @@ class StepGate(PolicyCounters):
             raise error
         skip_step_(step_params)
         return stats
+
+    def decide_on_device(
+        self, parameters: Parameters, optimizer: torch.optim.Optimizer, params: list[Tensor]
+    ) -> tuple[ClipStats, Tensor, Tensor | None]:
+        """``host_sync=False``: clip ``parameters`` on the accelerator path and decide without a host read.
+
+        Returns ``(stats, ok, coef)``: ``ok`` the 0-d bool device tensor "every rank's gradients are finite"
+        (MAX-reduced when distributed), ``coef`` the clip factor left for a fused ``optimizer``'s ``grad_scale``
+        (``None``: the clipper wrote the gradients), as :func:`gradguard.fused.clip_for_step` decides for ``params``
+        (the optimizer's parameters with gradients). The step is counted with :meth:`SkipPolicy.defer`; the caller
+        applies the decision (:func:`gradguard.fused.prepare_step`).
+        """
+        infos = resolve_parameters(parameters)
+        coef: Tensor | None = None
+        with torch.no_grad(), norms.device_path():
+            if self.clipper is not None:
+                stats, coef = clip_for_step(optimizer, self.clipper, parameters, params) if infos else (
+                    ClipStats.unclipped(), None)
+            else:
+                total = norms.total_norm([i.grad for i in infos], self.norm_type, check=False,
+                                         process_group=self.process_group)
+                stats = ClipStats.unclipped(norm=total)
+            bad = distributed.any_across_ranks(~stats.finite).reshape(())
+            mask = self._reason_masks.get(bad.device)
+            if mask is None:  # built once per device: NONFINITE_GRAD's position among the Reasons
+                mask = torch.tensor([r is Reason.NONFINITE_GRAD for r in Reason], device=bad.device)
+                self._reason_masks[bad.device] = mask
+            self.policy.defer(mask & bad)
+        self.last_stats = stats
+        self.last_bad = bad
+        return stats, ~bad, coef
+
+    def prepare_device_step(self, parameters: Parameters, optimizer: torch.optim.Optimizer) -> tuple[ClipStats, Tensor]:
+        """``host_sync=False``, before the ``optimizer.step()`` that someone else calls: clip and decide
+        (:meth:`decide_on_device`) and arrange for that step to be taken only where ``ok``
+        (:func:`gradguard.fused.prepare_step`); :meth:`finish_device_step` must follow the step. Returns
+        ``(stats, ok)``. ``optimizer`` is the torch optimizer that steps (not a trainer's wrapper)."""
+        self.finish_device_step(False)  # the previous step raised before it was finished: put the attributes back
+        with_grad = [p for p in optimizer_parameters(optimizer) if p.grad is not None]
+        stats, ok, coef = self.decide_on_device(parameters, optimizer, with_grad)
+        self._finish = prepare_step(optimizer, ok, coef, params=with_grad)
+        if self._finish is None:  # a fused SGD's first step, found non-finite on the host: nothing may step
+            skip_step_(with_grad)
+        return stats, ok
+
+    def finish_device_step(self, completed: bool = True) -> None:
+        """After the step :meth:`prepare_device_step` prepared (``completed=False``: it raised, or never ran)."""
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish(completed)
+
+    def settle(self) -> None:
+        """Fold the deferred steps into the counters (one host read, none when nothing is pending) and raise
+        :class:`~gradguard.TrainingDivergedError` if more than ``max_consecutive_skips`` came in a row."""
+        error = self.policy.settle(stacklevel=2)
+        if error is not None:
+            raise error
 
     def _diagnosis(self, infos: list[Any], step: int | None = None) -> Diagnosis:
         # local shards only: this runs on the error path and must issue no collective
@@ -191,14 +278,16 @@ class AttachHandle:
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, gate: StepGate, parameters: Parameters | None,
-                 monitor: Any | None) -> None:
+                 monitor: Any | None, settle_every: int | None = None) -> None:
         self.gate = gate
         self._optimizer_ref = weakref.ref(optimizer)
         self._parameters = parameters
         self._monitor = monitor
         self._model = parameters if isinstance(parameters, nn.Module) else None
+        self._settle_every = settle_every
         self._pre = optimizer.register_step_pre_hook(self._pre_hook)
-        self._post = optimizer.register_step_post_hook(self._post_hook) if monitor is not None else None
+        wants_post = monitor is not None or not gate.host_sync
+        self._post = optimizer.register_step_post_hook(self._post_hook) if wants_post else None
         self.removed = False
 
     @property
@@ -225,10 +314,26 @@ class AttachHandle:
                 "callback gradguard.integrations.lightning.GradGuardCallback; or call the step without a closure"
             )
         params = optimizer_parameters(optimizer)
-        self.gate(self._parameters if self._parameters is not None else params, params)
+        target = self._parameters if self._parameters is not None else params
+        if self.gate.host_sync:
+            self.gate(target, params)
+            return
+        if self._settle_every is not None and self.gate.steps % self._settle_every == 0:
+            self.gate.finish_device_step(False)
+            self.gate.settle()  # the host read asked for (none at step 0): raise a divergence before this step
+        self.gate.prepare_device_step(target, optimizer)
+
+    def settle(self) -> None:
+        """``host_sync=False``: read the deferred steps now (one host read; none when nothing is pending) and raise
+        :class:`~gradguard.TrainingDivergedError` if more than ``max_consecutive_skips`` bad steps came in a row.
+        Call it where you log; the counters settle by themselves when read (a divergence found then is raised
+        here)."""
+        self.gate.settle()
 
     def _post_hook(self, optimizer: torch.optim.Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        assert self._monitor is not None
+        self.gate.finish_device_step(True)
+        if self._monitor is None:
+            return
         reason = self.gate.last_reason
         self._monitor.record(self.gate.last_stats, skipped=self.gate.last_skipped,
                              reason=None if reason is None else reason.value, lr=learning_rate(optimizer),
@@ -238,6 +343,7 @@ class AttachHandle:
         """Detach from the optimizer: later steps run unclipped and unchecked. Idempotent."""
         if self.removed:
             return
+        self.gate.finish_device_step(False)
         self._pre.remove()
         if self._post is not None:
             self._post.remove()
@@ -268,6 +374,8 @@ def attach(
     process_group: dist.ProcessGroup | None = None,
     monitor: Any | None = None,
     verbose: bool = True,
+    host_sync: bool = True,
+    settle_every: int | None = None,
 ) -> AttachHandle:
     r"""Clip and guard every ``optimizer.step()`` through a step pre-hook; ``handle.remove()`` undoes it.
 
@@ -286,6 +394,14 @@ def attach(
             over it (set on the clipper); the skip decision is always agreed over the whole world.
         monitor: a :class:`gradguard.Monitor`, recorded after every step (with its 1-based step number).
         verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
+        host_sync: ``True`` (default): one host read per step decides the skip (the gradients of a bad step are
+            dropped). ``False``: no host read; the step is skipped on the device (``found_inf`` inside a fused
+            optimizer's kernel, ``fused=True``; otherwise a masked update that keeps one copy of the parameters and
+            optimizer state), and the counters are read when you read them (see the module docstring). Not with
+            ``on_nonfinite="raise"`` or a ``monitor`` (both need the decision on the host every step).
+        settle_every: with ``host_sync=False``, read the deferred counters every this many steps (one host read
+            then) so that ``max_consecutive_skips`` raises there; ``None`` (default): only when you read a counter
+            or call :meth:`AttachHandle.settle`.
 
     Not for steps called with a closure (the hook runs before the closure): see the module docstring.
 
@@ -308,11 +424,22 @@ def attach(
             "first handle before attaching again"
         )
     check_monitor(monitor)
+    if not isinstance(host_sync, bool):
+        raise TypeError(f"host_sync must be a bool, got {type(host_sync).__name__}")
+    if not host_sync and monitor is not None:
+        raise ValueError(
+            "monitor= needs host_sync=True: Monitor.record takes whether each step was skipped as a host bool. Drop "
+            "the monitor, or keep host_sync=True (one host read per step)"
+        )
+    if settle_every is not None:
+        if host_sync:
+            raise ValueError("settle_every only applies with host_sync=False (host_sync=True reads every step)")
+        settle_every = check_int(settle_every, "settle_every (steps between host reads, >= 1, or None)", low=1)
     if parameters is not None:
         if not isinstance(parameters, (nn.Module, Tensor, Mapping)):
             parameters = list(parameters)  # a generator such as model.parameters() is read once per step
         resolve_parameters(parameters, with_grad=False)  # checked now, not at the first step
-    gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
-    handle = AttachHandle(optimizer, gate, parameters, monitor)
+    gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose, host_sync=host_sync)
+    handle = AttachHandle(optimizer, gate, parameters, monitor, settle_every)
     _ATTACHED[optimizer] = handle
     return handle

@@ -26,6 +26,15 @@ them over the mesh, so clipping by norm works where ``Trainer(gradient_clip_val=
 
 ``Trainer(gradient_clip_val=...)`` together with a clipper would clip twice: ``setup`` raises ``ValueError``.
 Reading the finite flag costs one host-device synchronisation per optimizer step.
+
+``host_sync=False`` keeps the decision on the device: the clipper runs on the accelerator path, and instead of
+dropping the gradients the callback prepares the optimizer's coming update (still inside Lightning's
+``optimizer.step(closure)``, after the closure): ``found_inf`` for a fused Adam/AdamW/SGD/Adagrad kernel, a masked
+update (one copy of parameters and optimizer state) for any other optimizer; a step post-hook on the optimizer
+finishes it. Buffers are put back with ``where(ok, new, saved)``. The stats are logged, and the skip counters read
+(one host read: :meth:`gradguard.policy.SkipPolicy.settle`, which also raises ``TrainingDivergedError``), only on the
+steps Lightning logs (``log_every_n_steps``). Not with ``16-mixed`` (its GradScaler drives the step itself) or
+``on_nonfinite="raise"``.
 """
 
 from __future__ import annotations
@@ -42,7 +51,14 @@ from gradguard.backup import BufferBackup
 from gradguard.clippers.base import Clipper
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
-from gradguard.integrations._common import GateCallback, clip_target, first, scalar_stats
+from gradguard.integrations._common import (
+    GateCallback,
+    clip_target,
+    first,
+    restore_buffers_where,
+    scalar_stats,
+    torch_optimizer,
+)
 
 __all__ = ["GradGuardCallback"]
 
@@ -81,6 +97,9 @@ class GradGuardCallback(GateCallback, _Base):
             logged under ``Trainer(logger=False)``).
         prefix: the logged keys' prefix.
         verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
+        host_sync: ``True`` (default): read the finite flag once per step and drop a bad step's gradients.
+            ``False``: decide and skip on the device (see the module docstring); stats are logged and counters
+            read only on the steps Lightning logs. No ``monitor`` then (it takes the skip as a host bool).
 
     The clipper's state and the skip counters are saved in Lightning checkpoints (``state_dict``).
 
@@ -102,12 +121,17 @@ class GradGuardCallback(GateCallback, _Base):
         log: bool = True,
         prefix: str = "gradguard/",
         verbose: bool = True,
+        host_sync: bool = True,
     ) -> None:
         super().__init__()
         check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
+        if host_sync is False and monitor is not None:
+            raise ValueError("monitor= needs host_sync=True (Monitor.record takes whether each step was skipped as a "
+                             "host bool): drop the monitor or keep host_sync=True")
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose,
+                             host_sync=host_sync)
         self.monitor = monitor
         self.log = bool(log)
         self.prefix = prefix
@@ -124,9 +148,28 @@ class GradGuardCallback(GateCallback, _Base):
                 "clip the gradients twice. Set `gradient_clip_val=None` when using GradGuardCallback with a clipper "
                 "(or pass clipper=None to keep Lightning's clipping and only skip non-finite steps)"
             )
+        plugin = getattr(trainer, "precision_plugin", None)
+        if not self.gate.host_sync and getattr(plugin, "scaler", None) is not None:
+            raise ValueError(
+                "GradGuardCallback(host_sync=False) cannot run under a GradScaler (precision='16-mixed'): the scaler "
+                "drives the optimizer step itself (and reads its overflow flag on the host for non-fused optimizers). "
+                "Use host_sync=True there, or bf16-mixed precision (no scaler)"
+            )
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Detach the step post-hooks of ``host_sync=False``."""
+        self._remove_post_hooks()
+
+    def _logs_now(self, trainer: Any) -> bool:
+        """Whether Lightning writes the logs at the end of this optimizer step (``log_every_n_steps``)."""
+        every = getattr(trainer, "log_every_n_steps", 1) or 1
+        return bool((int(getattr(trainer, "global_step", 0)) + 1) % int(every) == 0)
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         """Clip, agree across ranks, and skip a non-finite step (after Lightning's AMP unscale)."""
+        if not self.gate.host_sync:
+            self._on_device(trainer, pl_module, optimizer)
+            return
         params = optimizer_parameters(optimizer)
         model = pl_module if isinstance(pl_module, nn.Module) else None
         stats = self.gate(clip_target(model, params), params)
@@ -136,6 +179,22 @@ class GradGuardCallback(GateCallback, _Base):
         self._window_open = True
         if self.log and hasattr(pl_module, "log_dict") and getattr(trainer, "logger", None) is not None:
             values = scalar_stats(stats, self.gate.last_skipped, self.prefix)
+            pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
+
+    def _on_device(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        """``host_sync=False``: decide on the device; read the counters and log only on Lightning's log steps."""
+        opt = torch_optimizer(optimizer)
+        model = pl_module if isinstance(pl_module, nn.Module) else None
+        logs_now = self._logs_now(trainer)
+        if logs_now:
+            self.gate.settle()  # the one host read per log interval (TrainingDivergedError, the policy's logging)
+        stats, ok = self._device_step(clip_target(model, optimizer_parameters(opt)), opt)
+        self._stepped = True
+        if model is not None and not self._window_open:
+            restore_buffers_where(self._buffers, ok)
+        self._window_open = True
+        if logs_now and self.log and hasattr(pl_module, "log_dict") and getattr(trainer, "logger", None) is not None:
+            values = scalar_stats(stats, ~ok, self.prefix)
             pl_module.log_dict(values, on_step=True, on_epoch=False, prog_bar=False, logger=True, batch_size=1)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

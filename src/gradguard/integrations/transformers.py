@@ -31,6 +31,14 @@ norm pass, on the gradients as backward left them. Either way:
 ``TrainingArguments(max_grad_norm > 0)`` together with a clipper would clip twice: the callback raises
 ``ValueError`` when the Trainer is built (or when training starts). Reading the finite flag costs one host-device
 synchronisation per optimizer step; the logged statistics are read once per logging step.
+
+``host_sync=False`` keeps the decision on the device: the clipper runs on the accelerator path and, instead of
+dropping the gradients, the callback prepares the Trainer's coming ``optimizer.step()`` (``found_inf`` for a fused
+Adam/AdamW/SGD/Adagrad kernel, a masked update, one copy of parameters and state, for any other optimizer; a step
+post-hook on the torch optimizer finishes it); buffers are put back with ``where(ok, new, saved)``. gradguard then
+reads the host twice per logging step (the statistics, and the skip counters, whose
+:meth:`~gradguard.policy.SkipPolicy.settle` also raises ``TrainingDivergedError``) and never in between. Not with
+``fp16`` (accelerate's GradScaler drives the step itself) or ``on_nonfinite="raise"``.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from gradguard.backup import BufferBackup
 from gradguard.clippers.base import Clipper, ClipStats
 from gradguard.hooks import StepGate, optimizer_parameters
 from gradguard.integrations import require
-from gradguard.integrations._common import GateCallback, clip_target
+from gradguard.integrations._common import GateCallback, clip_target, restore_buffers_where
 
 __all__ = ["GradGuardCallback"]
 
@@ -71,6 +79,9 @@ class GradGuardCallback(GateCallback, _Base):
             over it (set on the clipper); the skip decision is always agreed over the whole world.
         prefix: the prefix of the keys added to the Trainer's logs.
         verbose: log the first skipped step and a summary every 100 steps (``"gradguard"`` logger).
+        host_sync: ``True`` (default): read the finite flag once per step and drop a bad step's gradients.
+            ``False``: decide and skip on the device (see the module docstring); counters and statistics are read
+            at the logging steps only. No ``monitor`` then (it takes the skip as a host bool).
 
     The clipper's state and the skip counters are :meth:`state_dict` / :meth:`load_state_dict`.
 
@@ -91,11 +102,16 @@ class GradGuardCallback(GateCallback, _Base):
         process_group: dist.ProcessGroup | None = None,
         prefix: str = "gradguard/",
         verbose: bool = True,
+        host_sync: bool = True,
     ) -> None:
         check_monitor(monitor)
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
-        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose)
+        if host_sync is False and monitor is not None:
+            raise ValueError("monitor= needs host_sync=True (Monitor.record takes whether each step was skipped as a "
+                             "host bool): drop the monitor or keep host_sync=True")
+        self.gate = StepGate(clipper, on_nonfinite, max_consecutive_skips, process_group, verbose=verbose,
+                             host_sync=host_sync)
         self.monitor = monitor
         self.prefix = prefix
         self._armed = False  # between on_step_begin and on_pre_optimizer_step
@@ -106,8 +122,8 @@ class GradGuardCallback(GateCallback, _Base):
 
     def _reset_window(self) -> None:
         self._n = 0
-        self._skipped = 0
-        self._acc: Tensor | None = None  # [sum of finite norms, finite count, max finite norm, clipped count]
+        # [sum of finite norms, finite count, max finite norm, clipped count, skipped count], on the device
+        self._acc: Tensor | None = None
         self._threshold: Tensor | None = None
 
     def _check(self, args: Any) -> None:
@@ -118,6 +134,12 @@ class GradGuardCallback(GateCallback, _Base):
                 f"{self.gate.clipper!r}) would clip the gradients twice (the Trainer's default is 1.0). Set "
                 "`max_grad_norm=0` in TrainingArguments when using GradGuardCallback with a clipper (or pass "
                 "clipper=None to keep the Trainer's clipping and only skip non-finite steps)"
+            )
+        if not self.gate.host_sync and getattr(args, "fp16", False):
+            raise ValueError(
+                "GradGuardCallback(host_sync=False) cannot run with TrainingArguments(fp16=True): accelerate's "
+                "GradScaler drives the optimizer step itself (and reads its overflow flag on the host for non-fused "
+                "optimizers). Use host_sync=True there, or bf16=True (no scaler)"
             )
 
     def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -171,13 +193,17 @@ class GradGuardCallback(GateCallback, _Base):
             if not self._armed or not getattr(accelerator, "sync_gradients", True):
                 return original(parameters, max_norm, norm_type, **kw)
             stats = self._decide(trainer.model, trainer.optimizer)
-            if math.isinf(max_norm) or self.gate.last_skipped:
+            if math.isinf(max_norm) or (self.gate.host_sync and self.gate.last_skipped):
                 return stats.norm  # the measuring pass is the gate's own; a skipped step has nothing left to clip
             return original(parameters, max_norm, norm_type, **kw)  # clipper=None: the Trainer clips, on finite grads
 
         clip_grad_norm_.__gradguard__ = self  # type: ignore[attr-defined]
         accelerator.clip_grad_norm_ = clip_grad_norm_
         return trainer
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Detach the step post-hooks of ``host_sync=False``."""
+        self._remove_post_hooks()
 
     def on_step_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
@@ -205,10 +231,15 @@ class GradGuardCallback(GateCallback, _Base):
         """The step's one decision (taken at most once per optimizer step)."""
         if self._decided is None:
             params = optimizer_parameters(optimizer)
-            self._decided = self.gate(clip_target(model, params), params)
+            if not self.gate.host_sync:
+                self._decided, ok = self._device_step(clip_target(model, params), optimizer)
+                if self._captured:
+                    restore_buffers_where(self._buffers, ok)  # the same, selected on the device
+            else:
+                self._decided = self.gate(clip_target(model, params), params)
+                if self.gate.last_skipped and self._captured:
+                    self._buffers.restore()  # BatchNorm statistics (any buffer) as before the step's forward passes
             self._accumulate(self._decided)
-            if self.gate.last_skipped and self._captured:
-                self._buffers.restore()  # BatchNorm statistics (any buffer) as before the step's forward passes
             self._captured = False
         return self._decided
 
@@ -216,15 +247,17 @@ class GradGuardCallback(GateCallback, _Base):
         norm = stats.norm.detach().float()
         finite = torch.isfinite(norm)
         safe = torch.where(finite, norm, torch.zeros_like(norm))
-        row = torch.stack([safe, finite.float(), safe, stats.clipped.detach().float().to(norm.device)])
+        bad = self.gate.last_bad
+        skipped = bad.float().to(norm.device) if bad is not None else torch.zeros_like(norm)
+        row = torch.stack([safe, finite.float(), safe, stats.clipped.detach().float().to(norm.device), skipped])
         if self._acc is None:
             self._acc = row
         else:
             acc = self._acc.to(norm.device)
-            self._acc = torch.stack([acc[0] + row[0], acc[1] + row[1], torch.maximum(acc[2], row[2]), acc[3] + row[3]])
+            self._acc = torch.stack([acc[0] + row[0], acc[1] + row[1], torch.maximum(acc[2], row[2]), acc[3] + row[3],
+                                     acc[4] + row[4]])
         self._threshold = stats.threshold.detach().float()
         self._n += 1
-        self._skipped += int(self.gate.last_skipped)
 
     def on_optimizer_step(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, optimizer: Any = None,
@@ -234,25 +267,31 @@ class GradGuardCallback(GateCallback, _Base):
         self._record(optimizer, model)
 
     def summary(self) -> dict[str, float]:
-        """The statistics since the last log, read on the host (one synchronisation)."""
+        """The statistics since the last log, read on the host: one read for the statistics, and (``host_sync=False``)
+        one for the skip counters."""
         out: dict[str, float] = {}
         if self._n == 0 or self._acc is None:
             return out
-        total, count, peak, clipped = self._acc.tolist()
+        acc = self._acc
+        threshold = self._threshold.reshape(1).to(acc.device) if self._threshold is not None else acc[:0]
+        values = torch.cat([acc, threshold]).tolist()
+        total, count, peak, clipped, skipped = values[:5]
         p = self.prefix
         out[p + "norm_mean"] = total / count if count else math.nan
         out[p + "norm_max"] = peak if count else math.nan
         out[p + "clip_rate"] = clipped / self._n
-        out[p + "skipped"] = float(self._skipped)
+        out[p + "skipped"] = float(skipped)
         out[p + "skipped_total"] = float(self.gate.skipped_steps)
-        if self._threshold is not None:
-            out[p + "threshold"] = float(self._threshold)
+        if len(values) > 5:
+            out[p + "threshold"] = float(values[5])
         return out
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         """Add the statistics to the training logs (not to evaluation logs)."""
         if logs is None or "loss" not in logs or self._n == 0:
             return
+        if not self.gate.host_sync:
+            self.gate.settle()  # the counters' one read per logging step; raises TrainingDivergedError
         values = self.summary()
         logs.update(values)
         history = getattr(state, "log_history", None)
