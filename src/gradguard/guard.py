@@ -781,21 +781,8 @@ class Guard(PolicyCounters):
         step: int,
         own_backward: bool,
     ) -> Diagnosis:
-        if reason is Reason.LOSS_SPIKE:
-            return Diagnosis(
-                "forward", event="loss_spike", step=step,
-                cause="loss spike: the loss jumped far above its recent range (a bad batch or the start of an "
-                "instability)",
-                fix="the step was skipped; if spikes repeat, lower the learning rate, check the data at this step, "
-                "or clip more (lower max_norm)",
-            )
-        if reason is Reason.GRAD_NORM_SPIKE:
-            return Diagnosis(
-                "backward", event="grad_norm_spike", step=step,
-                cause="exploding gradients: the gradient norm jumped far above its recent range",
-                fix="the step was skipped; clip gradients or lower max_norm (an adaptive clipper such as gg.ZClip "
-                "reacts to spikes), or lower the learning rate",
-            )
+        if reason.is_spike:  # nothing to locate: the values are finite
+            return deferred_diagnosis(reason, step)
         if reason is Reason.NONFINITE_PARAMS:  # the weights the step would have made non-finite (it was undone)
             cause, fix = explain("step")
             return Diagnosis("step", parameters=blown, cause=cause, fix=fix, step=step)
