@@ -176,3 +176,16 @@ def test_what_cannot_be_decided_on_the_device_is_refused():
     with pytest.raises(ValueError, match="check_params_every=None"):
         gg.Guard(model, custom, host_sync=False)
     gg.Guard(model, custom, host_sync=False, check_params_every=None)  # the gradients are still checked
+
+
+def test_the_default_mode_reads_once_per_step():
+    """What host_sync=False saves: the default decides with one host read per step (on the accelerator path, which
+    ``norms.device_path()`` makes the CPU take), weight check included."""
+    from gradguard.norms import device_path
+
+    data = batches(21, {10: "grad"})
+    model, _opt, guard = make(True, host_sync=True)
+    train(guard, model, data[:1])
+    with device_path(), HostReads() as reads:
+        reports = train(guard, model, [d for d in data[1:] if d[2] is None])
+    assert reads.count() == len(reports) == 19
