@@ -76,6 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     guard_nocheck = gg.Guard(m2, o2, clipper=gg.NormClip(1.0), check_params_every=None)
     variants["gg.Guard(..., check_params_every=None)"] = lambda b: (guard_nocheck.step(closure_for(m2, b)), None)[1]
 
+    m5, o5 = make()
+    guard_backup = gg.Guard(m5, o5, clipper=gg.NormClip(1.0), param_check="backup")
+    variants["gg.Guard(..., param_check='backup')"] = lambda b: (guard_backup.step(closure_for(m5, b)), None)[1]
+
+    m6 = copy.deepcopy(base)
+    o6 = torch.optim.AdamW(m6.parameters(), lr=1e-3, fused=True)
+    guard_device = gg.Guard(m6, o6, clipper=gg.NormClip(1.0), host_sync=False)
+    variants["gg.Guard(..., host_sync=False), fused AdamW"] = lambda b: (guard_device.step(closure_for(m6, b)), None)[1]
+
     m3, o3 = make()
 
     def anomaly(b: torch.Tensor) -> None:

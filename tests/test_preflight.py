@@ -160,6 +160,11 @@ def test_every_chunk_fits_the_budget_of_five_percent():
         assert elements * per_element <= pf.budget(opt) <= 0.05 * param_bytes
     assert sum(sum((p.stop - p.start) if p.start is not None else p.param.numel() for p in c) for c in chunks) == \
         sum(p.numel() for p in big)
+    assert bool(pf(opt, big))  # the copies live in one workspace, reused by every chunk and every step
+    held = sum(b.numel() * b.element_size() for b in pf._workspace.values())
+    assert 0 < held <= pf.budget(opt)
+    pf(opt, big)
+    assert sum(b.numel() * b.element_size() for b in pf._workspace.values()) == held
 
 
 def test_unknown_optimizers_cannot_be_dry_run_and_the_guard_falls_back_to_a_backup():

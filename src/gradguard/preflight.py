@@ -7,11 +7,12 @@ it (for AdamW, 3x the parameter bytes; a 7B model's 84 GB). The preflight needs 
 
 .. math:: B = \max(0.05 \cdot \text{parameter bytes},\; 1\,\text{MiB})
 
-bytes (parameter + gradient + optimizer-state copies), it copies the chunk's parameters, gradients and state into a
-*scratch optimizer* — the same class with the same parameter-group settings, no hooks, owning only the copies — calls
-its ``step()``, and folds ``isfinite`` of the stepped copies into one device flag. The copies are freed before the
-next chunk, so the extra memory is one chunk: at most 5% of the parameter bytes for any model above 20 MiB of
-parameters. Nothing of the real parameters, gradients, optimizer state, hooks or LR scheduler is touched, and there
+bytes (parameter + gradient + optimizer-state copies, and the update's own temporaries), it copies the chunk's
+parameters, gradients and state into a *scratch optimizer* — the same class with the same parameter-group settings,
+no hooks, owning only the copies — calls its ``step()``, and folds ``isfinite`` of the stepped copies into one device
+flag. The copies live in a workspace the size of the largest chunk, allocated once and reused by every chunk and every
+step, so the extra memory is one chunk: at most 5% of the parameter bytes for any model above 20 MiB of parameters.
+Nothing of the real parameters, gradients, optimizer state, hooks or LR scheduler is touched, and there
 is no host read (the flag stays on the device until the Guard reads its decision).
 
 The dry-run is exact because it runs the same update code on the same values: a parameter's new value depends only
@@ -105,6 +106,7 @@ class Preflight:
             raise ValueError(f"min_bytes must be a positive integer, got {min_bytes!r}")
         self.fraction = float(fraction)
         self.min_bytes = min_bytes
+        self._workspace: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     def budget(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes a chunk of copies may hold: ``max(fraction x parameter bytes, min_bytes)``."""
@@ -176,22 +178,59 @@ class Preflight:
 
     def dry_run(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Any:
         """For each chunk of :meth:`plan`: step copies of it with a scratch optimizer; yields ``(stepped copies,
-        pieces)``, the copies flattened for a sliced piece. The copies of a chunk are dropped before the next one."""
-        for chunk in self.plan(optimizer, params):
+        pieces)``, the copies flattened for a sliced piece. The copies live in one workspace per dtype and device,
+        allocated once (the largest chunk) and reused by every chunk and every step: a chunk overwrites the last."""
+        chunks = self.plan(optimizer, params)
+        need: dict[tuple[torch.dtype, torch.device], int] = {}
+        for chunk in chunks:
+            for key, n in _chunk_needs(optimizer, chunk).items():
+                need[key] = max(need.get(key, 0), n)
+        for key, n in need.items():
+            buf = self._workspace.get(key)
+            if buf is None or buf.numel() < n:
+                self._workspace[key] = torch.empty(n, dtype=key[0], device=key[1])
+        for chunk in chunks:
+            taken: dict[tuple[torch.dtype, torch.device], int] = {}
+
+            def copy_of(t: Tensor, piece: _Piece, taken: dict[tuple[torch.dtype, torch.device], int] = taken) -> Tensor:
+                src = t.detach() if piece.start is None else t.detach().view(-1)[piece.start:piece.stop]
+                key = (src.dtype, src.device)
+                at = taken.get(key, 0)
+                taken[key] = at + src.numel()
+                return self._workspace[key][at:at + src.numel()].view(src.shape).copy_(src)
+
             scratch = scratch_optimizer(optimizer)
             groups: dict[int, list[Tensor]] = {}
             copies: list[Tensor] = []
             for piece in chunk:
-                q = _copy(piece.param, piece)
-                q.grad = _copy(piece.param.grad, piece)  # type: ignore[arg-type]
+                q = copy_of(piece.param, piece)
+                q.grad = copy_of(piece.param.grad, piece)  # type: ignore[arg-type]
                 state = optimizer.state.get(piece.param)
                 if state:
-                    scratch.state[q] = {k: _copy_state(v, piece) for k, v in state.items()}
+                    scratch.state[q] = {
+                        k: copy.deepcopy(v) if not isinstance(v, Tensor)
+                        else copy_of(v, piece) if v.shape == piece.param.shape else v.detach().clone()
+                        for k, v in state.items()
+                    }
                 groups.setdefault(piece.group, []).append(q)
                 copies.append(q)
             scratch.param_groups = [dict(optimizer.param_groups[g], params=qs) for g, qs in groups.items()]
             scratch.step()
             yield copies, chunk
+
+
+def _chunk_needs(optimizer: torch.optim.Optimizer, chunk: list[_Piece]) -> dict[tuple[torch.dtype, torch.device], int]:
+    """Elements of workspace a chunk's copies take, per dtype and device (parameters, gradients, parameter-shaped
+    state; scalar state is cloned)."""
+    need: dict[tuple[torch.dtype, torch.device], int] = {}
+    for piece in chunk:
+        n = piece.param.numel() if piece.start is None else (piece.stop or 0) - piece.start
+        state = optimizer.state.get(piece.param) or {}
+        shaped = [v for v in state.values() if isinstance(v, Tensor) and v.shape == piece.param.shape]
+        for t in (piece.param, piece.param.grad, *shaped):
+            assert t is not None
+            need[(t.dtype, t.device)] = need.get((t.dtype, t.device), 0) + n
+    return need
 
 
 def _cost(optimizer: torch.optim.Optimizer, p: Tensor, elementwise: bool) -> tuple[int, bool]:
@@ -214,17 +253,3 @@ def _cost(optimizer: torch.optim.Optimizer, p: Tensor, elementwise: bool) -> tup
         and all(v.shape == p.shape or v.numel() <= 1 for v in tensors)
     )
     return per_element, sliceable
-
-
-def _copy(t: Tensor, piece: _Piece) -> Tensor:
-    if piece.start is None:
-        return t.detach().clone()
-    return t.detach().view(-1)[piece.start:piece.stop].clone()
-
-
-def _copy_state(v: Any, piece: _Piece) -> Any:
-    if not isinstance(v, Tensor):
-        return copy.deepcopy(v)
-    if v.shape == piece.param.shape:
-        return _copy(v, piece)
-    return v.detach().clone()
