@@ -457,7 +457,8 @@ class Guard(PolicyCounters):
         rng = None
         own_backward = False
         if closure is not None:
-            rng = RngState() if self.locate else None
+            rng = RngState() if self.locate and self.host_sync else None  # no replay on the device path (and a
+            # CUDA generator state would be copied to the host)
             self._buffers.capture(self.model)
             self.optimizer.zero_grad(set_to_none=True)
             try:
