@@ -4,6 +4,7 @@ into torch internals."""
 from __future__ import annotations
 
 import ast
+import functools
 import re
 from pathlib import Path
 
@@ -102,3 +103,45 @@ def test_unscale_once_unscales_exactly_once_per_step():
     _compat.unscale_once(scaler, opt)
     _compat.unscale_once(scaler, opt)  # a second call is a no-op, not torch's "unscale_() has already been called"
     assert torch.equal(model.weight.grad, torch.ones(1, 2))
+
+
+def test_optimizer_step_introspection():
+    from torch.optim.lr_scheduler import StepLR
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    from gradguard._compat import (
+        scratch_optimizer,
+        step_runs_only_its_update,
+        step_without_hooks,
+        torch_step_function,
+    )
+
+    # torch's wrappers come off, a user's decorator stays
+    assert torch_step_function(torch.optim.AdamW) is torch_step_function(torch.optim.Adam)
+    assert not hasattr(torch_step_function(torch.optim.SGD), "__wrapped__")
+
+    class Decorated(torch.optim.SGD):
+        step = functools.wraps(torch.optim.SGD.step)(lambda self, closure=None: torch.optim.SGD.step(self, closure))
+
+    assert torch_step_function(Decorated) is not torch_step_function(torch.optim.SGD)
+
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.5)
+    assert step_runs_only_its_update(opt)
+    StepLR(opt, 1)  # replaces opt.step on the instance with its counting wrapper: still only the update
+    assert step_runs_only_its_update(opt)
+    handle = opt.register_step_pre_hook(lambda *a: None)
+    assert not step_runs_only_its_update(opt)
+    handle.remove()
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda *a: calls.append(1))
+    try:
+        assert not step_runs_only_its_update(opt)
+        scratch = scratch_optimizer(opt)
+        q = torch.ones(2)
+        q.grad = torch.ones(2)
+        scratch.param_groups = [dict(opt.param_groups[0], params=[q])]
+        step_without_hooks(scratch)
+        assert calls == [] and q.tolist() == [0.5, 0.5] and w.tolist() == [1.0, 1.0] and not opt.state
+    finally:
+        handle.remove()

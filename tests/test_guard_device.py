@@ -19,8 +19,8 @@ from hostreads import HostReads
 class Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(8, 32)
-        self.bn = nn.BatchNorm1d(32)
+        self.fc1 = nn.Linear(8, 32, bias=False)  # a bias before BatchNorm has a zero gradient: Adam would amplify
+        self.bn = nn.BatchNorm1d(32)  # its rounding noise to +-lr and the two modes' runs could not be compared
         self.fc2 = nn.Linear(32, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +89,7 @@ def test_zero_host_reads_over_100_steps_and_the_same_outcome_as_the_default(fuse
     assert (guard.skipped_steps, guard.good_steps, guard.step_count) == (3, 98, 101)
     assert guard.policy.skipped_by_reason == guard_sync.policy.skipped_by_reason
     for (name, a), b in zip(model.state_dict().items(), model_sync.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)  # clip factor: host vs device arithmetic
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)  # norms: host vs device kernels
     assert guard.clipper.state_dict()["count"] == guard_sync.clipper.state_dict()["count"]
 
 
@@ -189,3 +189,95 @@ def test_the_default_mode_reads_once_per_step():
     with device_path(), HostReads() as reads:
         reports = train(guard, model, [d for d in data[1:] if d[2] is None])
     assert reads.count() == len(reports) == 19
+
+
+@pytest.mark.parametrize("clipper", ["adagc", "chain", "autoclip"])
+def test_statistics_of_a_rejected_first_step_stay_unseen(clipper):
+    """A rejected step leaves every clipper's statistics as the default mode does, also when the step was the first
+    (nothing seen yet: AdaGC's per-parameter gamma must stay 'unseen', not become 0 and clip to 0 forever)."""
+    def build(host_sync: bool):
+        torch.manual_seed(0)
+        model = Net()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        clip = {"adagc": lambda: gg.AdaGC(warmup_steps=2), "chain": lambda: gg.Chain(gg.AGC(0.05), gg.ZClip()),
+                "autoclip": lambda: gg.AutoClip(10.0)}[clipper]()
+        return model, gg.Guard(model, opt, clipper=clip, host_sync=host_sync, verbose=False)
+
+    data = batches(8, {1: "loss", 4: "grad"})
+    (m1, g1), (m2, g2) = build(False), build(True)
+    train(g1, m1, data)
+    train(g2, m2, data)
+    g1.settle()
+    s1, s2 = g1.clipper.state_dict(), g2.clipper.state_dict()
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, prefix + k + ".")
+            else:
+                yield prefix + k, v
+
+    f1, f2 = dict(flat(s1)), dict(flat(s2))
+    assert f1.keys() == f2.keys()
+    for k, v in f1.items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(v, f2[k], rtol=2e-6, atol=1e-7, equal_nan=True, msg=k)
+        else:
+            assert v == f2[k], k
+    for (name, a), b in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7, msg=name)
+
+
+def test_step_report_is_read_only_and_compares_by_value():
+    model, _opt, guard = make(True, host_sync=False)
+    (report,) = train(guard, model, batches(1, {}))
+    with pytest.raises(AttributeError, match="read-only"):
+        report.step = 5  # type: ignore[misc]
+    twin = gg.StepReport(report.step, report.loss, report.stats, report.skipped, report.reason, report.lr)
+    assert twin == report and "deferred" not in repr(report)
+    match report:
+        case gg.StepReport(1, _, _, False, None):
+            pass
+        case _:
+            raise AssertionError(repr(report))
+
+
+def test_a_clipper_with_its_own_state_dict_cannot_be_kept_on_the_device():
+    class Counting(gg.NormClip):
+        def __init__(self) -> None:
+            super().__init__(1.0)
+            self.seen = 0
+
+        def state_dict(self):  # state outside the declared device tensors: where() cannot put it back
+            return {"seen": self.seen}
+
+    model = Net()
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    with pytest.raises(ValueError, match="DeviceState"):
+        gg.Guard(model, opt, clipper=Counting(), host_sync=False)
+    with pytest.raises(ValueError, match="DeviceState"):
+        gg.Guard(model, opt, clipper=gg.Chain(gg.AGC(), Counting()), host_sync=False)
+    with pytest.raises(AttributeError):
+        gg.Guard(model, opt, host_sync=False).host_sync = True  # fixed at construction
+
+
+def test_a_buffer_the_forward_pass_replaces_is_put_back_on_a_rejected_step():
+    class Counter(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 1)
+            self.register_buffer("seen", torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.seen = self.seen + x.shape[0]  # a new tensor each forward pass, not an in-place update
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = Counter()
+    opt = torch.optim.AdamW(model.parameters(), fused=True)
+    guard = gg.Guard(model, opt, host_sync=False, verbose=False)
+    x, y = torch.randn(16, 8), torch.randn(16, 1)
+    guard.step(lambda: nn.functional.mse_loss(model(x), y))
+    report = guard.step(lambda: nn.functional.mse_loss(model(x), y) * math.nan)
+    guard.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert report.skipped and float(model.seen) == 32.0  # the rejected step's 16 samples are not counted

@@ -211,3 +211,68 @@ def test_guard_blocks_a_blow_up_in_either_mode_and_names_the_weight(param_check,
         before_model, before_opt = snapshot_model, snapshot_opt
     assert same(model.state_dict(), before_model) and same(opt.state_dict(), before_opt)
     assert all(math.isfinite(float(p.detach().abs().max())) for p in model.parameters())
+
+
+def test_step_hooks_make_auto_take_the_backup_and_explicit_preflight_refuse():
+    """A pre-hook can change what the real step does (here the learning rate): a dry-run of the class's update alone
+    would miss it, so "auto" checks such steps with the backup, and an explicit preflight refuses them."""
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1)
+    x, y = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0]])
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[3e37, 1.0]]))  # feature 0 is 0: the huge weight leaves the loss finite
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, weight_decay=1.0)
+    opt.register_step_pre_hook(lambda o, a, k: o.param_groups[0].__setitem__("lr", 1e38))
+    guard = gg.Guard(model, opt, verbose=False)
+    before = copy.deepcopy(model.state_dict())
+    report = guard.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert report.skipped and report.reason == "nonfinite_params"  # the hook's lr would have blown the weight up
+    assert same(model.state_dict(), before)
+    strict = gg.Guard(model, opt, param_check="preflight", verbose=False)
+    with pytest.raises(ValueError, match="step hooks"):
+        strict.step(lambda: nn.functional.mse_loss(model(x), y))
+    assert same(model.state_dict(), before) and strict.step_count == 0
+
+
+def test_no_hook_sees_the_dry_run():
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    ps = make_params()
+    opt = torch.optim.AdamW(ps[:3], lr=1e-3)
+    calls = []
+    handle = register_optimizer_step_pre_hook(lambda o, a, k: calls.append(o))
+    try:
+        assert bool(Preflight(min_bytes=SMALL)(opt, ps))
+    finally:
+        handle.remove()
+    assert calls == []
+
+
+def test_dtensor_shards_are_dry_run_locally(tmp_path):
+    """FSDP2 / tensor-parallel parameters are DTensors: an elementwise update is shard-local, so the dry-run steps
+    the local shards (one rank here: the whole tensor is the shard) and equals the real step."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        g = torch.Generator().manual_seed(0)
+        ps = [nn.Parameter(distribute_tensor(torch.randn(300, 100, generator=g), mesh, [Shard(0)])) for _ in range(2)]
+        for p in ps:
+            p.grad = distribute_tensor(torch.randn(300, 100, generator=g), mesh, [Shard(0)])
+        opt = torch.optim.AdamW(ps, lr=1e-2)
+        opt.step()
+        expected = [t.to_local() for t in real_step(ps, opt)]
+        pf = Preflight(min_bytes=SMALL)
+        assert any(piece.start not in (None, 0) for chunk in pf.plan(opt, ps) for piece in chunk)
+        for stepped, pieces in pf.dry_run(opt, ps):
+            for q, piece in zip(stepped, pieces):
+                assert not isinstance(q, DTensor)
+                i = next(i for i, p in enumerate(ps) if p is piece.param)
+                assert torch.equal(q, expected[i].reshape(-1)[piece.start:piece.stop] if piece.start is not None
+                                   else expected[i])
+        assert bool(pf(opt, ps))
+    finally:
+        dist.destroy_process_group()

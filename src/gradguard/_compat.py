@@ -28,6 +28,9 @@ __all__ = [
     "node_sequence_nr",
     "optimizer_skips_in_kernel",
     "scratch_optimizer",
+    "step_runs_only_its_update",
+    "step_without_hooks",
+    "torch_step_function",
     "tree_flatten",
     "unscale_once",
 ]
@@ -107,6 +110,45 @@ def scratch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer
     scratch.state = defaultdict(dict)
     scratch.param_groups = []
     return scratch
+
+
+def torch_step_function(cls: type) -> Any:
+    """``cls.step`` with torch's own wrappers taken off (the profiler/hook wrapper and ``_use_grad_for_differentiable``,
+    both defined in ``torch.optim``), and nothing else: a user's decorator stays, so a decorated step is not mistaken
+    for torch's."""
+    import os
+
+    optim_dir = os.path.dirname(torch.optim.__file__)
+    fn = cls.step  # type: ignore[attr-defined]
+    # by where the wrapper's code lives: functools.wraps copies __module__, so a user's wrapper would claim torch's
+    while hasattr(fn, "__wrapped__") and os.path.dirname(getattr(getattr(fn, "__code__", None), "co_filename",
+                                                                 "")) == optim_dir:
+        fn = fn.__wrapped__
+    return fn
+
+
+def step_runs_only_its_update(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer.step()`` runs its class's update and nothing else: no step pre/post hook (the optimizer's
+    own, kept in private ``_optimizer_step_*_hooks`` dicts, or torch's global ones) and no ``step`` replaced on the
+    instance, except the LR scheduler's counting wrapper (marked ``_wrapped_by_lr_sched``)."""
+    import torch.optim.optimizer as optim_module
+
+    hooks = (vars(optimizer).get("_optimizer_step_pre_hooks"), vars(optimizer).get("_optimizer_step_post_hooks"),
+             getattr(optim_module, "_global_optimizer_pre_hooks", None),
+             getattr(optim_module, "_global_optimizer_post_hooks", None))
+    if any(h for h in hooks):
+        return False
+    own = vars(optimizer).get("step")
+    return own is None or bool(getattr(own, "_wrapped_by_lr_sched", False))
+
+
+def step_without_hooks(optimizer: torch.optim.Optimizer) -> Any:
+    """The class's ``step`` on ``optimizer`` without torch's hook wrapper: no global step hook sees the call (the
+    wrapper, marked ``hooked``, runs them and the profiler record around the real step)."""
+    fn: Any = type(optimizer).step
+    if getattr(fn, "hooked", False) and hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn(optimizer)
 
 
 # ---------------------------------------------------------------------------------------------------- GradScaler

@@ -111,11 +111,21 @@ class BufferBackup:
     @torch.no_grad()
     def restore_where(self, keep: Tensor) -> None:
         """On the device: each buffer stays as it is where the 0-d bool ``keep`` is true, else gets its saved value
-        back (no host read)."""
-        for (mod, name), saved in zip(self.owners, self.copies):
+        back (no host read). A buffer the forward pass replaced by another tensor of the same shape, dtype and device
+        gets ``where(keep, new, saved)`` as a new tensor (never written in place: it may alias another); one replaced
+        by something of another shape (or by ``None``) cannot be chosen on the device and is left as the step left it.
+        """
+        for (mod, name), src, saved in zip(self.owners, self.sources, self.copies):
             current = getattr(mod, name, None)
-            if isinstance(current, Tensor) and current.shape == saved.shape and current.dtype == saved.dtype:
-                current.copy_(torch.where(keep.to(current.device), current, saved))
+            if not isinstance(current, Tensor) or (current.shape, current.dtype, current.device) != (
+                saved.shape, saved.dtype, saved.device
+            ):
+                continue
+            chosen = torch.where(keep.to(current.device), current, saved)
+            if current is src:
+                current.copy_(chosen)
+            else:
+                setattr(mod, name, chosen)
 
     @torch.no_grad()
     def restore(self) -> None:

@@ -58,9 +58,9 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_monitor
-from gradguard._compat import already_unscaled, unscale_once
+from gradguard._compat import already_unscaled, step_runs_only_its_update, unscale_once
 from gradguard.backup import BufferBackup, RngState, Snapshot, StepBackup
-from gradguard.clippers.base import Clipper, ClipStats, resolve_parameters
+from gradguard.clippers.base import Chain, Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
 from gradguard.diagnose import (
     Diagnosis,
@@ -118,6 +118,16 @@ class StepReport:
     """
 
     __slots__ = ("_flags", "_reason", "_skipped", "diagnosis", "loss", "lr", "rolled_back", "stats", "step")
+    __match_args__ = ("step", "loss", "stats", "skipped", "reason", "lr", "diagnosis", "rolled_back")
+    step: int
+    loss: Tensor | None
+    stats: ClipStats
+    lr: float | None
+    diagnosis: Diagnosis | None
+    rolled_back: bool
+    _flags: Tensor | None
+    _skipped: bool | None
+    _reason: str | None
 
     def __init__(
         self,
@@ -130,11 +140,26 @@ class StepReport:
         diagnosis: Diagnosis | None = None,
         rolled_back: bool = False,
     ) -> None:
-        self.step, self.loss, self.stats, self.lr = step, loss, stats, lr
-        self.diagnosis, self.rolled_back = diagnosis, rolled_back
-        self._flags = skipped if isinstance(skipped, Tensor) else None  # one flag per Reason, on the device
-        self._skipped = None if isinstance(skipped, Tensor) else bool(skipped)
-        self._reason = reason
+        values = {"step": step, "loss": loss, "stats": stats, "lr": lr, "diagnosis": diagnosis,
+                  "rolled_back": rolled_back, "_reason": reason,
+                  "_flags": skipped if isinstance(skipped, Tensor) else None,  # one flag per Reason, on the device
+                  "_skipped": None if isinstance(skipped, Tensor) else bool(skipped)}
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"StepReport is read-only (cannot set {name!r})")
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__match_args__)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StepReport):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash((self.step, id(self.loss), id(self.stats)))
 
     @property
     def applied(self) -> Tensor:
@@ -164,8 +189,8 @@ class StepReport:
         self._decided(self._flags.tolist())  # the deferred decision, read because it was asked for
 
     def _decided(self, bad: list[bool]) -> None:
-        self._skipped = any(bad)
-        self._reason = next((r.value for r, b in zip(_REASONS, bad) if b), None)
+        object.__setattr__(self, "_skipped", any(bad))
+        object.__setattr__(self, "_reason", next((r.value for r, b in zip(_REASONS, bad) if b), None))
 
     @staticmethod
     def read_all(reports: list[StepReport]) -> None:
@@ -194,7 +219,8 @@ class StepReport:
 
     def __repr__(self) -> str:
         decided = f"skipped={self._skipped}, reason={self._reason!r}" if self._skipped is not None else "deferred"
-        return f"StepReport(step={self.step}, {decided}, lr={self.lr}, rolled_back={self.rolled_back})"
+        return (f"StepReport(step={self.step}, loss={self.loss!r}, stats={self.stats!r}, {decided}, lr={self.lr}, "
+                f"diagnosis={self.diagnosis!r}, rolled_back={self.rolled_back})")
 
 
 class SpikeDetector(DeviceState):
@@ -365,9 +391,9 @@ class Guard(PolicyCounters):
         )
         check_monitor(monitor)
         resolved_check = _resolve_param_check(param_check, optimizer)
-        self.host_sync = host_sync
         self.settle_every = _check_deferred(host_sync, settle_every, on_nonfinite, self.snapshot_every,
-                                            self.check_params_every, resolved_check, optimizer)
+                                            self.check_params_every, resolved_check, optimizer, clipper)
+        self._host_sync = host_sync
         check_process_group(process_group)
         _check_ownership(model, optimizer)
         try:
@@ -396,9 +422,11 @@ class Guard(PolicyCounters):
         self.diagnosis: Diagnosis | None = None
         self._pending_loss: list[Tensor] = []
         self.param_check = resolved_check
+        self._auto_check = param_check == "auto"
         self._backup = StepBackup()
         self._preflight = Preflight()
         self._unrecorded: list[StepReport] = []  # host_sync=False: steps the monitor gets when they are settled
+        policy.settled_rows = {}  # the decisions the policy reads, kept for those reports (one read for both)
         self._buffers = BufferBackup()
         self._buffers.capture(model)
         self._snapshot = Snapshot(self.snapshot_device)
@@ -416,6 +444,12 @@ class Guard(PolicyCounters):
     def good_steps(self) -> int:
         """Steps applied."""
         return self.policy.good_steps
+
+    @property
+    def host_sync(self) -> bool:
+        """Whether each step reads its decision on the host (fixed at construction: ``host_sync=False`` is checked
+        against the policy, snapshots and the weight check then)."""
+        return self._host_sync
 
     # ---------------------------------------------------------------------------------------------- public API
     def backward(self, loss: Tensor) -> None:
@@ -568,6 +602,8 @@ class Guard(PolicyCounters):
             self._loss_spikes.load_state_dict(spikes["loss"])
             self._norm_spikes.load_state_dict(spikes["norm"])
         self._pending_loss = []
+        self._unrecorded = []  # steps of the run before the load: their flags were dropped with the policy's
+        self.policy.settled_rows = {}
         self._buffers.capture(self.model)
         self._snapshot_due = self.snapshot_every is not None
 
@@ -604,6 +640,7 @@ class Guard(PolicyCounters):
     ) -> StepReport:
         if not self.host_sync:
             return self._step_on_device(loss)
+        check = self._check_now(self.policy.steps + 1)  # before anything changes: it may refuse the step
         step = self.policy.start()
         if self.scaler is not None:
             unscale_once(self.scaler, self.optimizer)
@@ -612,19 +649,18 @@ class Guard(PolicyCounters):
         spikes_before = [d.state_dict() for d in (self._loss_spikes, self._norm_spikes) if d is not None]
         with torch.no_grad():
             stats = self._clip_or_measure(loss)
-            check_params = self.check_params_every is not None and step % self.check_params_every == 0
-            bad = self._decide(loss, stats, check_params)
+            bad = self._decide(loss, stats, check)
         reason = next((r for r, b in zip(_REASONS, bad) if b), None)
         error: Exception | None = None
         if reason is None:
-            if not (check_params and self.param_check == "backup"):  # a backup-checked step has stepped already
+            if check != "backup":  # a backup-checked step has stepped already
                 self.optimizer.step()
             if self.scaler is not None:
                 self.scaler.update()
             self._commit()
             report = StepReport(step, loss, stats, False, None, learning_rate(self.optimizer))
         else:
-            report, error = self._refuse(reason, step, loss, stats, closure, rng, own_backward, check_params,
+            report, error = self._refuse(reason, step, loss, stats, closure, rng, own_backward, check,
                                          clipper_before, spikes_before)
         if self.monitor is not None:  # before the gradients of a bad step are dropped: per-layer norms show them
             self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
@@ -644,21 +680,38 @@ class Guard(PolicyCounters):
         norm = norms.total_norm(grads, 2.0, check=False, process_group=self.process_group) if grads else None
         return ClipStats.unclipped(norm=norm, device=loss.device)
 
-    def _decide(self, loss: Tensor, stats: ClipStats, check_params: bool) -> list[bool]:
+    def _check_now(self, step: int) -> str | None:
+        """How step ``step`` checks the weights: ``None``, ``"preflight"`` or ``"backup"``. A preflight dry-runs the
+        class's update only, so while the optimizer has step hooks (or a ``step`` replaced on the instance) that could
+        change what the real step does, ``"auto"`` takes the backup; an explicit ``"preflight"`` (or
+        ``host_sync=False``) raises instead, before anything changes."""
+        if self.check_params_every is None or step % self.check_params_every:
+            return None
+        if self.param_check == "backup" or step_runs_only_its_update(self.optimizer):
+            return self.param_check
+        if self._auto_check and self.host_sync:
+            return "backup"
+        raise ValueError(
+            f"{type(self.optimizer).__name__} has step hooks (register_step_pre_hook/post_hook, or global ones) or a "
+            "step replaced on the instance, which a preflight cannot run: they may change what the real step does. "
+            'Remove them, or use param_check="backup" (host_sync=True), or check_params_every=None'
+        )
+
+    def _decide(self, loss: Tensor, stats: ClipStats, check: str | None) -> list[bool]:
         """Every skip flag, in ``_REASONS`` order, read in the step's one host read (max over ranks).
-        With ``check_params`` the step is dry-run first (preflight), or, with a backup, taken first and checked."""
-        bad: list[bool] = self._flags(loss, stats, check_params).tolist()  # the step's one host read
+        With ``check`` the step is dry-run first (preflight), or, with a backup, taken first and checked."""
+        bad: list[bool] = self._flags(loss, stats, check).tolist()  # the step's one host read
         return bad
 
-    def _flags(self, loss: Tensor, stats: ClipStats, check_params: bool) -> Tensor:
+    def _flags(self, loss: Tensor, stats: ClipStats, check: str | None) -> Tensor:
         """The skip flags, one per :class:`Reason` in order, stacked on the device and MAX-reduced over the world."""
         flags = [~torch.isfinite(loss), ~stats.finite]
         flags.append(torch.zeros((), dtype=torch.bool, device=loss.device))
         flags.append(self._loss_spikes(loss) if self._loss_spikes else torch.zeros_like(flags[0]))
         flags.append(self._norm_spikes(stats.norm) if self._norm_spikes else torch.zeros_like(flags[0]))
-        if check_params and self.param_check == "preflight":
+        if check == "preflight":
             flags[2] = ~self._preflight(self.optimizer, self._params())
-        elif check_params:  # step first (backed up), check the weights, decide on everything at once
+        elif check == "backup":  # step first (backed up), check the weights, decide on everything at once
             params = self._params()
             self._backup.capture(params, self.optimizer)
             self.optimizer.step()
@@ -670,16 +723,15 @@ class Guard(PolicyCounters):
     def _step_on_device(self, loss: Tensor) -> StepReport:
         """``host_sync=False``: clip, decide and skip on the device, keep or put back the statistics and buffers
         with ``where``; the decision is read later, by :meth:`settle`."""
+        check = self._check_now(self.policy.steps + 1)  # before anything changes: it may refuse the step
         detectors = [d for d in (self._loss_spikes, self._norm_spikes) if d is not None]
         if self.scaler is not None:
             unscale_once(self.scaler, self.optimizer)
         clipper_before = self.clipper.state_dict() if self.clipper is not None else {}
         spikes_before = [d.state_dict() for d in detectors]
         params = [p for p in self._params() if p.grad is not None]
-        number = self.policy.steps + 1
         with torch.no_grad(), norms.device_path():
             stats = self._clip_or_measure(loss)
-            check = self.check_params_every is not None and number % self.check_params_every == 0
             bad = self._flags(loss, stats, check)
             ok = ~bad.any()
             step_on_device(self.optimizer, ok, params=params)
@@ -696,8 +748,7 @@ class Guard(PolicyCounters):
             self.ema.update_parameters(self.model)
         step = self.policy.defer(bad)
         report = StepReport(step, loss, stats, bad, lr=learning_rate(self.optimizer))
-        if self.monitor is not None:
-            self._unrecorded.append(report)
+        self._unrecorded.append(report)  # settled (diagnosed, given to the monitor) by settle()
         self._buffers.capture(self.model)
         self.optimizer.zero_grad(set_to_none=True)  # whether this step was bad is not known on the host
         if step % self.settle_every == 0:
@@ -710,16 +761,21 @@ class Guard(PolicyCounters):
         than ``max_consecutive_skips`` bad steps came in a row. Called every ``settle_every`` steps; call it at the
         end of training too. Nothing to do (no read) when nothing is pending."""
         records, self._unrecorded = self._unrecorded, []
-        error = self.policy.settle(stacklevel=2)
-        StepReport.read_all(records)  # one host read for the lot
+        error = self.policy.settle(stacklevel=2)  # one host read for every pending step (none if a counter read did)
+        rows, self.policy.settled_rows = self.policy.settled_rows or {}, {}
+        for report in records:
+            if report.step in rows:
+                report._decided(rows[report.step])
+        StepReport.read_all(records)  # only those the policy had not read (none, normally)
         for report in records:
             diagnosis = None
             if report.skipped:
                 diagnosis = deferred_diagnosis(Reason(report.reason), report.step)
                 self.diagnosis = diagnosis
-            assert self.monitor is not None
-            self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
-                                lr=report.lr, model=None, diagnosis=diagnosis, step=report.step)
+                object.__setattr__(report, "diagnosis", diagnosis)
+            if self.monitor is not None:
+                self.monitor.record(report.stats, loss=report.loss, skipped=report.skipped, reason=report.reason,
+                                    lr=report.lr, model=None, diagnosis=diagnosis, step=report.step)
         if error is not None:
             raise error
 
@@ -732,17 +788,17 @@ class Guard(PolicyCounters):
         closure: Callable[[], Tensor] | None,
         rng: Any,
         own_backward: bool,
-        check_params: bool,
+        check: str | None,
         clipper_before: dict[str, Any] | None,
         spikes_before: list[dict[str, Any]],
     ) -> tuple[StepReport, Exception | None]:
         """A step not applied: undo the update (if already stepped) and the statistics, diagnose it, apply the
         policy (the error to raise, or ``None``), and roll back when asked."""
         blown: tuple[str, ...] = ()
-        if check_params and self.param_check == "preflight" and reason is Reason.NONFINITE_PARAMS:
+        if check == "preflight" and reason is Reason.NONFINITE_PARAMS:
             would_blow = {id(p) for p in self._preflight.nonfinite(self.optimizer, self._params())}
             blown = tuple(n for n, p in self.model.named_parameters() if id(p) in would_blow)
-        elif check_params and self.param_check == "backup":
+        elif check == "backup":
             blown = self._nonfinite_names(grads=False) if reason is Reason.NONFINITE_PARAMS else ()
             self._backup.restore(self.optimizer)
         diagnosis = self._diagnose(reason, closure, rng, blown, step, own_backward)
@@ -837,6 +893,7 @@ def _check_deferred(
     check_params_every: int | None,
     param_check: str,
     optimizer: torch.optim.Optimizer,
+    clipper: Clipper | None,
 ) -> int:
     """``settle_every`` checked; with ``host_sync=False`` also what deciding on the device cannot do."""
     if not isinstance(host_sync, bool):
@@ -858,7 +915,20 @@ def _check_deferred(
             f"{type(optimizer).__name__}'s step cannot be dry-run (param_check={param_check!r}): pass "
             "check_params_every=None, or host_sync=True"
         )
+    if clipper is not None and not _keeps_on_device(clipper):
+        raise ValueError(
+            f"host_sync=False puts a rejected step's clipper statistics back on the device, which needs the clipper's "
+            f"state in declared device tensors (gradguard.clippers.state.DeviceState); {type(clipper).__name__} has "
+            "its own state_dict: use host_sync=True"
+        )
     return settle
+
+
+def _keeps_on_device(clipper: Clipper) -> bool:
+    """Whether ``keep_where`` covers all of the clipper's state (the DeviceState mechanism, or a Chain of such)."""
+    if isinstance(clipper, Chain):
+        return all(_keeps_on_device(c) for c in clipper.clippers)
+    return type(clipper).state_dict is DeviceState.state_dict and type(clipper).keep_where is DeviceState.keep_where
 
 
 def _resolve_param_check(param_check: Any, optimizer: torch.optim.Optimizer) -> str:

@@ -196,6 +196,7 @@ class SkipPolicy:
         self._blocks: list[Tensor] = []
         self._rows: list[Tensor] = []
         self._pending = 0
+        self.settled_rows: dict[int, list[bool]] | None = None  # an owner that wants the rows it read sets a dict
         self._held: Exception | None = None  # an error found while settling for a counter read, for settle()
 
     # ------------------------------------------------------------------------------------------------ counters
@@ -334,6 +335,8 @@ class SkipPolicy:
         error: Exception | None = None
         for i, row in enumerate(rows):
             step = first + i
+            if self.settled_rows is not None:
+                self.settled_rows[step] = row  # the owner takes them (the Guard gives them to its step reports)
             reason = next((r for r, b in zip(_REASONS, row) if b), None)
             if reason is None:
                 self._accept(step)

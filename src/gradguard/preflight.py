@@ -32,7 +32,6 @@ about 2x the optimizer step's memory traffic. It runs only on the steps that che
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -41,7 +40,8 @@ import torch
 from torch import Tensor
 
 from gradguard import norms
-from gradguard._compat import scratch_optimizer
+from gradguard._compat import scratch_optimizer, step_without_hooks, torch_step_function
+from gradguard.distributed import is_dtensor, local_tensor
 
 __all__ = ["Preflight", "preflight_kind"]
 
@@ -57,7 +57,7 @@ _TEMPORARIES = 2  # parameter-sized intermediates an update allocates while it r
 
 def _known(names: Sequence[str]) -> list[Any]:
     classes = (getattr(torch.optim, n, None) for n in names)
-    return [inspect.unwrap(c.step) for c in classes if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
+    return [torch_step_function(c) for c in classes if isinstance(c, type) and issubclass(c, torch.optim.Optimizer)]
 
 
 _ELEMENTWISE = _known(_ELEMENTWISE_NAMES)
@@ -67,7 +67,7 @@ _PER_TENSOR = _known(_PER_TENSOR_NAMES)
 def preflight_kind(optimizer: torch.optim.Optimizer) -> Literal["elementwise", "per_tensor"] | None:
     """How ``optimizer``'s step can be dry-run: ``"elementwise"`` (slices of a tensor), ``"per_tensor"`` (whole
     tensors), or ``None`` (its ``step`` is not one of torch's: it cannot be dry-run safely)."""
-    step = inspect.unwrap(type(optimizer).step)
+    step = torch_step_function(type(optimizer))
     if any(step is s for s in _ELEMENTWISE):
         return "elementwise"
     if any(step is s for s in _PER_TENSOR):
@@ -151,8 +151,13 @@ class Preflight:
         for p in params:
             if p.grad is None:
                 continue
+            if kind != "elementwise" and is_dtensor(p):
+                raise TypeError(
+                    f"{type(optimizer).__name__} updates whole tensors, which a DTensor shard is not: its step cannot "
+                    "be dry-run on the local shards; use check_params_every=None"
+                )
             per_element, sliceable = _cost(optimizer, p, kind == "elementwise")
-            n = p.numel()
+            n = local_tensor(p).numel()
             if not sliceable or n * per_element <= budget - used:  # whole: in this chunk, or to start the next
                 if chunk and used + n * per_element > budget:
                     chunks.append(chunk)
@@ -193,7 +198,8 @@ class Preflight:
             taken: dict[tuple[torch.dtype, torch.device], int] = {}
 
             def copy_of(t: Tensor, piece: _Piece, taken: dict[tuple[torch.dtype, torch.device], int] = taken) -> Tensor:
-                src = t.detach() if piece.start is None else t.detach().view(-1)[piece.start:piece.stop]
+                t = local_tensor(t.detach())  # a DTensor's shard: an elementwise update is shard-local
+                src = t if piece.start is None else t.view(-1)[piece.start:piece.stop]
                 key = (src.dtype, src.device)
                 at = taken.get(key, 0)
                 taken[key] = at + src.numel()
@@ -209,13 +215,13 @@ class Preflight:
                 if state:
                     scratch.state[q] = {
                         k: copy.deepcopy(v) if not isinstance(v, Tensor)
-                        else copy_of(v, piece) if v.shape == piece.param.shape else v.detach().clone()
+                        else copy_of(v, piece) if v.shape == piece.param.shape else local_tensor(v.detach()).clone()
                         for k, v in state.items()
                     }
                 groups.setdefault(piece.group, []).append(q)
                 copies.append(q)
             scratch.param_groups = [dict(optimizer.param_groups[g], params=qs) for g, qs in groups.items()]
-            scratch.step()
+            step_without_hooks(scratch)  # no hook of the real optimizer, nor a global one, sees the dry-run
             yield copies, chunk
 
 
@@ -224,7 +230,7 @@ def _chunk_needs(optimizer: torch.optim.Optimizer, chunk: list[_Piece]) -> dict[
     state; scalar state is cloned)."""
     need: dict[tuple[torch.dtype, torch.device], int] = {}
     for piece in chunk:
-        n = piece.param.numel() if piece.start is None else (piece.stop or 0) - piece.start
+        n = local_tensor(piece.param).numel() if piece.start is None else (piece.stop or 0) - piece.start
         state = optimizer.state.get(piece.param) or {}
         shaped = [v for v in state.values() if isinstance(v, Tensor) and v.shape == piece.param.shape]
         for t in (piece.param, piece.param.grad, *shaped):
@@ -241,7 +247,8 @@ def _cost(optimizer: torch.optim.Optimizer, p: Tensor, elementwise: bool) -> tup
     assert grad is not None
     state = optimizer.state.get(p) or {}
     tensors = [v for v in state.values() if isinstance(v, Tensor)]
-    shaped = [v for v in tensors if v.shape == p.shape]
+    shaped = [local_tensor(v) for v in tensors if v.shape == p.shape]
+    p, grad = local_tensor(p), local_tensor(grad)
     per_element = (1 + _TEMPORARIES) * p.element_size() + grad.element_size()
     per_element += sum(v.element_size() for v in shaped) if state else _STATE_GUESS * p.element_size()
     sliceable = (

@@ -79,7 +79,7 @@ class AdaGC(Clipper):
 
     def _state_spec(self) -> dict[str, StateSpec]:
         return {
-            "gamma": StateSpec((-1,), torch.float32, low=0.0, inf=True),  # per known name; inf until first seen
+            "gamma": StateSpec((-1,), torch.float32, math.inf, low=0.0, inf=True),  # per known name; inf: unseen
             "step": StateSpec((), torch.long, low=0),  # finite steps taken
         }
 

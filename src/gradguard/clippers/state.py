@@ -179,12 +179,13 @@ class DeviceState:
         """Decide on the device whether this step's statistics stand: where the 0-d bool ``keep`` is true the state
         stays as it is now, else it goes back to ``before`` (a :meth:`state_dict` taken before the step), with
         ``where`` on every tensor and no host read. A tensor that did not exist before (``before`` is ``{}``) or that
-        grew (AdaGC meeting a new parameter) goes back to its spec's fill for the new part. Non-tensor state is kept.
+        grew (AdaGC meeting a new parameter) goes back to its spec's fill for the new part (the value of an unseen
+        entry: AdaGC's is +inf). Non-tensor state is kept.
         """
         spec = self._state_spec()
         for key, now in self._tensors().items():
             flag = keep.to(now.device)
-            fill = torch.full_like(now, spec[key].fill) if key in spec else now
+            fill = torch.full_like(now, spec[key].fill) if key in spec else now.clone()
             old = before.get(key) if before else None
             if isinstance(old, Tensor) and old.dim() == now.dim() and old.shape[1:] == now.shape[1:]:
                 n = min(old.shape[0], now.shape[0]) if now.dim() else 0
