@@ -647,9 +647,13 @@ class Guard(PolicyCounters):
         # statistics as they were: put back if the step is not applied (small device clones, no host read)
         clipper_before = self.clipper.state_dict() if self.clipper is not None else None
         spikes_before = [d.state_dict() for d in (self._loss_spikes, self._norm_spikes) if d is not None]
-        with torch.no_grad():
-            stats = self._clip_or_measure(loss)
-            bad = self._decide(loss, stats, check)
+        try:
+            with torch.no_grad():
+                stats = self._clip_or_measure(loss)
+                bad = self._decide(loss, stats, check)
+        except BaseException:  # e.g. a parameter layout the clipper or the check cannot handle: statistics as before
+            self._put_back_statistics(clipper_before, spikes_before)
+            raise
         reason = next((r for r, b in zip(_REASONS, bad) if b), None)
         error: Exception | None = None
         if reason is None:
@@ -804,11 +808,7 @@ class Guard(PolicyCounters):
         diagnosis = self._diagnose(reason, closure, rng, blown, step, own_backward)
         self.diagnosis = diagnosis
         self._buffers.restore()  # the forward pass's BatchNorm statistics (and any buffer) are undone
-        if self.clipper is not None and clipper_before is not None:
-            self.clipper.load_state_dict(clipper_before)  # statistics commit only for applied steps
-        for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None),
-                               spikes_before):
-            det.load_state_dict(before)
+        self._put_back_statistics(clipper_before, spikes_before)  # statistics commit only for applied steps
         error = self.policy.reject(reason, diagnosis, stacklevel=4)  # points at the caller of guard.step
         rolled_back = False
         if error is None and self.on_nonfinite == "rollback":
@@ -819,6 +819,13 @@ class Guard(PolicyCounters):
         if self.scaler is not None:
             self.scaler.update()  # also before raising: the scaler must be ready for the next step
         return report, error
+
+    def _put_back_statistics(self, clipper_before: dict[str, Any] | None, spikes_before: list[dict[str, Any]]) -> None:
+        """The clipper's and the spike detectors' statistics as they were before this step."""
+        if self.clipper is not None and clipper_before is not None:
+            self.clipper.load_state_dict(clipper_before)
+        for det, before in zip((d for d in (self._loss_spikes, self._norm_spikes) if d is not None), spikes_before):
+            det.load_state_dict(before)
 
     def _commit(self) -> None:
         if self.scheduler is not None:

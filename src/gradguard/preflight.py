@@ -20,9 +20,10 @@ on its own gradient and state (and the group's settings). For the *elementwise* 
 Adamax, NAdam, RAdam, Adagrad, RMSprop, Rprop, ASGD, Adadelta) that holds for every element, so a large tensor is
 split into slices that fit the budget. For torch's other per-tensor optimizers (Adafactor's factored moments, Muon's
 orthogonalised matrix update) a tensor is stepped whole, so a chunk holds at least the largest parameter (and its
-state). An optimizer whose ``step`` gradguard does not know (a custom class, a subclass overriding ``step``, a wrapper
-that steps another optimizer) cannot be dry-run safely: :func:`preflight_kind` returns ``None`` and the Guard takes a
-transactional backup instead (``param_check="backup"``).
+state); so is a parameter that is not contiguous (``channels_last``), and each dtype of a mixed-precision model has
+its own workspace. An optimizer whose ``step`` gradguard does not know (a custom class, a subclass overriding
+``step``, a wrapper that steps another optimizer) cannot be dry-run safely: :func:`preflight_kind` returns ``None``
+and the Guard takes a transactional backup instead (``param_check="backup"``); so does a step with hooks.
 
 Cost: one more optimizer update over copies (read parameters, gradients and state, write the copies and step them),
 about 2x the optimizer step's memory traffic. It runs only on the steps that check the weights
