@@ -23,13 +23,14 @@ torch.set_num_threads(1)
 torch.manual_seed(0)
 mode = sys.argv[1]
 model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024, bias=False) for _ in range(16)])
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=mode == "fused")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=mode in ("fused", "guard-device"))
 x = torch.randn(4, 1024)
 loss_fn = lambda: model(x).pow(2).mean()
 guard = None
 if mode.startswith("guard"):
     kwargs = {"guard": {}, "guard-backup": {"param_check": "backup"}, "guard-nocheck": {"check_params_every": None},
-              "guard-rollback": {"on_nonfinite": "rollback", "snapshot_every": 2}}[mode]
+              "guard-rollback": {"on_nonfinite": "rollback", "snapshot_every": 2},
+              "guard-device": {"host_sync": False}}[mode]
     guard = gg.Guard(model, opt, clipper=gg.NormClip(1.0), verbose=False, **kwargs)
 for _ in range(6):
     if guard is not None:
@@ -55,6 +56,7 @@ MODES = {
     "guard-nocheck": "gg.Guard(check_params_every=None) (no weight check after the step; buffers still backed up)",
     "guard-rollback": "gg.Guard(on_nonfinite='rollback', snapshot_every=2) (a CPU snapshot of parameters + AdamW "
                       "state, on top of the defaults)",
+    "guard-device": "gg.Guard(host_sync=False) with fused AdamW (decided on the device, preflight check)",
     "fused": "gg.fused_clip_step with fused AdamW (clip folded into the step)",
 }
 
