@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     guard_backup = gg.Guard(m5, o5, clipper=gg.NormClip(1.0), param_check="backup")
     variants["gg.Guard(..., param_check='backup')"] = lambda b: (guard_backup.step(closure_for(m5, b)), None)[1]
 
+    m7 = copy.deepcopy(base)
+    o7 = torch.optim.AdamW(m7.parameters(), lr=1e-3, fused=True)
+    variants["plain loop, fused AdamW (the baseline of the next row)"] = lambda b: plain_step(m7, o7, b)
+
     m6 = copy.deepcopy(base)
     o6 = torch.optim.AdamW(m6.parameters(), lr=1e-3, fused=True)
     guard_device = gg.Guard(m6, o6, clipper=gg.NormClip(1.0), host_sync=False)

@@ -43,7 +43,7 @@ from torch import Tensor
 
 from gradguard import norms
 from gradguard._compat import scratch_optimizer, step_without_hooks, torch_step_function
-from gradguard.distributed import is_dtensor, local_tensor
+from gradguard.distributed import dtensor_type, is_dtensor, local_tensor
 
 __all__ = ["Preflight", "preflight_kind"]
 
@@ -196,16 +196,22 @@ class Preflight:
             buf = self._workspace.get(key)
             if buf is None or buf.numel() < n:
                 self._workspace[key] = torch.empty(n, dtype=key[0], device=key[1])
+        sharded = dtensor_type() is not None  # no DTensor can exist before its module is imported
         for chunk in chunks:
             taken: dict[tuple[torch.dtype, torch.device], int] = {}
+            sources: list[Tensor] = []
+            targets: list[Tensor] = []
 
-            def copy_of(t: Tensor, piece: _Piece, taken: dict[tuple[torch.dtype, torch.device], int] = taken) -> Tensor:
-                t = local_tensor(t.detach())  # a DTensor's shard: an elementwise update is shard-local
+            def copy_of(t: Tensor, piece: _Piece, taken: dict[tuple[torch.dtype, torch.device], int] = taken,
+                        sources: list[Tensor] = sources, targets: list[Tensor] = targets) -> Tensor:
+                t = local_tensor(t.detach()) if sharded else t.detach()  # a shard: an elementwise update is local
                 src = t if piece.start is None else t.view(-1)[piece.start:piece.stop]
                 key = (src.dtype, src.device)
                 at = taken.get(key, 0)
                 taken[key] = at + src.numel()
-                return self._workspace[key][at:at + src.numel()].view(src.shape).copy_(src)
+                sources.append(src)
+                targets.append(self._workspace[key][at:at + src.numel()].view(src.shape))
+                return targets[-1]  # filled below, with every other copy of the chunk in one foreach call
 
             scratch = scratch_optimizer(optimizer)
             groups: dict[int, list[Tensor]] = {}
@@ -222,6 +228,7 @@ class Preflight:
                     }
                 groups.setdefault(piece.group, []).append(q)
                 copies.append(q)
+            torch._foreach_copy_(targets, sources)
             scratch.param_groups = [dict(optimizer.param_groups[g], params=qs) for g, qs in groups.items()]
             step_without_hooks(scratch)  # no hook of the real optimizer, nor a global one, sees the dry-run
             yield copies, chunk
