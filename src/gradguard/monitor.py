@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, ClassVar, Literal
@@ -70,6 +70,7 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_norm_type
+from gradguard._compat import uncompiled
 from gradguard.clippers.base import ClipStats
 from gradguard.clippers.state import check_int, check_number
 from gradguard.health import HealthFlag, LayerHealth
@@ -712,7 +713,15 @@ class _LayerProbe:
     the parameters, taken at the step before each measured step. Nothing else is copied: the differences are formed
     in the snapshot's own memory (``snapshot -= θ_t``, the norm of :math:`\theta_{t-1} - \theta_t` is the same), and
     with ``every=1`` the snapshot is refreshed in place (``copy_``) for the next step. So the monitor holds at most
-    one copy of the parameter bytes, and only when ``update_ratio`` is on.
+    one copy of the parameter bytes, and only when ``update_ratio`` is on: that snapshot is state the update ratio
+    needs by definition (the optimizer moves every layer in one step), held from one per-layer step to the next.
+
+    Temporaries: at most one piece (``_CHUNK`` values, 128 KiB in float32) at a time, never a layer's copy. The norm
+    engine's device path (no host reads) reduces a reduced-precision CPU tensor through a whole float32 copy of it
+    (``vector_norm(dtype=float32)``), so such tensors are measured as views of ``_CHUNK`` values and their norms
+    combined (:func:`_layer_norms`); float32/float64 tensors and accelerators (whose fused kernel reads bf16/fp16
+    directly) take the engine whole. Names are the user's: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is
+    dropped (``gradguard._compat.uncompiled``).
     """
 
     def __init__(self, every: int | None, norm_type: float, update_ratio: bool) -> None:
@@ -728,15 +737,16 @@ class _LayerProbe:
     @norms.device_path()  # no host read on any device (the engine's CPU shortcuts would read values)
     def measure(self, stats: ClipStats | None, model: nn.Module, step: int) -> tuple[tuple[str, ...], Tensor] | None:
         """``(names, [grad norm, param norm, update ratio] x layers)`` on the device, or None without gradients."""
-        named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+        named = [(n, p) for n, p in _user_named_parameters(model) if p.grad is not None]
         if not named:
             self._snapshot = None
             return None
         names = tuple(n for n, _ in named)
         params = [p.detach() for _, p in named]
-        post = norms.tensor_norms([p.grad for _, p in named], self.norm_type)  # type: ignore[misc]
-        grad = _undo_clipping(post, stats, names)
-        pnorm = norms.tensor_norms(params, self.norm_type).to(post)
+        post = _layer_norms([p.grad for _, p in named], self.norm_type)  # type: ignore[misc]
+        wrapped = tuple(n for n, p in model.named_parameters() if p.grad is not None)  # as a clipper names them
+        grad = _undo_clipping(post, stats, (names, wrapped))
+        pnorm = _layer_norms(params, self.norm_type).to(post)
         ratio = self._update_ratio(names, params, step)
         ratio = torch.full_like(post, math.nan) if ratio is None else ratio.to(post) / pnorm
         return names, torch.stack([grad, pnorm, ratio]).to(_wide(post.device))
@@ -747,7 +757,7 @@ class _LayerProbe:
                 n in snap[1] and snap[1][n].shape == p.shape for n, p in zip(names, params)):
             return None
         diffs = [snap[1][n].sub_(p) for n, p in zip(names, params)]  # θ_{t-1} - θ_t, in the snapshot's memory
-        out = norms.tensor_norms(diffs, self.norm_type)
+        out = _layer_norms(diffs, self.norm_type)
         if self.due(step + 1):  # every=1: the snapshot becomes θ_t for the next step, in place
             for d, p in zip(diffs, params):
                 d.copy_(p)
@@ -760,16 +770,58 @@ class _LayerProbe:
         if not self.update_ratio or not self.due(step + 1) or (self._snapshot and self._snapshot[0] == step):
             return
         self._snapshot = None  # free the old one before copying
-        self._snapshot = (step, {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        self._snapshot = (step, {n: p.detach().clone() for n, p in _user_named_parameters(model) if p.requires_grad})
 
 
-def _undo_clipping(post: Tensor, stats: ClipStats | None, names: tuple[str, ...]) -> Tensor:
-    """Per-layer norms before clipping, from the norms after it (exact for global and per-tensor clippers)."""
-    if stats is not None and stats.tensor_norms is not None and stats.names == names:
+_CHUNK = 1 << 15
+"""Values per view when a reduced-precision CPU tensor's norm is taken in pieces (a float32 copy of 128 KiB each)."""
+
+
+def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` under the user's names (a ``torch.compile`` wrapper's prefix dropped)."""
+    return uncompiled(model).named_parameters()
+
+
+def _layer_norms(tensors: list[Tensor], p: float) -> Tensor:
+    r"""Per-tensor p-norms from the norm engine, holding at most one ``_CHUNK``-value float32 copy at a time.
+
+    Called under :func:`gradguard.norms.device_path`, where the engine's CPU kernel upcasts a bf16/fp16 tensor whole.
+    Such a tensor (longer than ``_CHUNK``, ``p > 0``) is passed as views of ``_CHUNK`` values instead (of about
+    ``_CHUNK`` values' rows when it is not contiguous), and
+    its norm is the p-norm of theirs, :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` for the pieces
+    :math:`g_j` of :math:`g` (the max of the pieces' for :math:`p = \infty`), by
+    :func:`gradguard.norms.combine_norms` (overflow-free). ``p <= 0`` norms do not combine that way: taken whole.
+    """
+    pieces: list[Tensor] = []
+    spans: list[tuple[int, int]] = []
+    for t in tensors:
+        start = len(pieces)
+        if (p > 0 and t.device.type == "cpu" and t.numel() > _CHUNK and not t.is_complex()
+                and norms.accumulation_dtype(t.dtype) != t.dtype):
+            if t.is_contiguous():
+                pieces.extend(torch.split(t.view(-1), _CHUNK))
+            else:  # rows along dim 0 (views whatever the strides)
+                pieces.extend(torch.split(t, max(1, _CHUNK * t.shape[0] // t.numel()), dim=0))
+        else:
+            pieces.append(t)
+        spans.append((start, len(pieces)))
+    out = norms.tensor_norms(pieces, p, check=False)
+    if len(pieces) == len(tensors):
+        return out
+    return torch.stack([out[a] if b == a + 1 else norms.combine_norms(out[a:b], p) for a, b in spans])
+
+
+def _undo_clipping(post: Tensor, stats: ClipStats | None, names: tuple[tuple[str, ...], ...]) -> Tensor:
+    """Per-layer norms before clipping, from the norms after it (exact for global and per-tensor clippers).
+
+    ``names``: the layers' names as the stats may give them (the user's, and a ``torch.compile`` wrapper's).
+    """
+    same = stats is not None and stats.names in names
+    if stats is not None and stats.tensor_norms is not None and same:
         return stats.tensor_norms.detach().to(post)
     if stats is None:
         return post
-    c = stats.tensor_coefs if stats.tensor_coefs is not None and stats.names == names else stats.coef
+    c = stats.tensor_coefs if stats.tensor_coefs is not None and same else stats.coef
     c = c.detach().to(post)
     return post / torch.where(c > 0, c, torch.ones_like(c))
 
