@@ -7,12 +7,18 @@ bytes. After its peak RSS is read, each process measures one more ``record()`` (
 mode that has them) with the profiler's allocation events (every allocation, kernel-internal copies included): its
 peak temporary allocation, in units of the largest layer's bytes.
 
-    python benchmarks/mem_monitor.py [--runs 5] [--dtype float32|bfloat16]
+glibc's malloc raises its mmap threshold when a large block is freed, after which freed blocks can stay in the heap
+and count in RSS depending on the order of earlier allocations (the same run varied by +-0.3x parameter bytes here);
+``--malloc fixed`` (the default) pins ``MALLOC_MMAP_THRESHOLD_`` at 128 KiB in the children, so every block from
+128 KiB up is returned on free and the RSS follows what is really held; ``--malloc default`` measures glibc as is.
+
+    python benchmarks/mem_monitor.py [--runs 5] [--dtype float32|bfloat16] [--malloc fixed|default]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -61,10 +67,13 @@ print(hwm * 1024, param_bytes, max(p.numel() * p.element_size() for p in model.p
 """
 
 
-def child(kwargs: str, dtype: str) -> tuple[int, int, int, int]:
+def child(kwargs: str, dtype: str, malloc: str) -> tuple[int, int, int, int]:
     """``(peak RSS, parameter bytes, largest layer's bytes, peak temporaries of one record)`` of one process."""
+    env = dict(os.environ)
+    if malloc == "fixed":  # glibc: blocks from 128 KiB up are mmapped and unmapped on free, whatever came before
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     out = subprocess.run([sys.executable, "-c", _CHILD, kwargs, dtype], check=True, capture_output=True, text=True,
-                         cwd=tempfile.gettempdir()).stdout.split()
+                         cwd=tempfile.gettempdir(), env=env).stdout.split()
     hwm, param_bytes, largest, temporaries = (int(v) for v in out[-4:])
     return hwm, param_bytes, largest, temporaries
 
@@ -73,17 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--malloc", default="fixed", choices=["fixed", "default"],
+                    help="fixed: MALLOC_MMAP_THRESHOLD_=128 KiB in the children (the default)")
     args = ap.parse_args(argv)
     peaks: dict[str, list[int]] = {m: [] for m in MODES}
     last: dict[str, tuple[int, int, int, int]] = {}
     for _ in range(args.runs):  # interleaved, so drift on a shared machine hits every mode alike
         for mode, kwargs in MODES.items():
-            last[mode] = child(kwargs, args.dtype)
+            last[mode] = child(kwargs, args.dtype, args.malloc)
             peaks[mode].append(last[mode][0])
     _, param_bytes, largest, _ = last["per_layer_every=None"]
     base = statistics.median(peaks["per_layer_every=None"])
     print(f"8 x Linear(1024, 1024), {args.dtype}: {param_bytes / 2**20:.0f} MiB of parameters, largest layer "
-          f"{largest / 2**20:.0f} MiB; median peak RSS of {args.runs} interleaved processes per mode\n")
+          f"{largest / 2**20:.0f} MiB; median peak RSS of {args.runs} interleaved processes per mode; "
+          f"malloc {args.malloc}\n")
     print("| Monitor mode | extra peak RSS (x parameter bytes) | one record's peak temporaries (x largest layer) |")
     print("|---|---|---|")
     for mode in MODES:

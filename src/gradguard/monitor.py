@@ -868,7 +868,9 @@ class Monitor:
         health: the :class:`~gradguard.health.LayerHealth` rules (``None`` for the defaults).
         norm_type: the p of the per-layer norms.
         update_ratio: keep one copy of the parameters from the step before each per-layer step, to measure the
-            update.
+            update (the optimizer moves every layer at once, so this copy is of all of them: +1x the parameter
+            bytes, from that step to the per-layer one; always, with ``per_layer_every=1``). ``False``: per-layer
+            records hold no copy, only temporaries of about 128 KiB at most (``benchmarks/mem_monitor.py``).
         overwrite: replace an existing run in ``log_dir`` (``metrics.jsonl``, TensorBoard files); without it (and
             without ``resume``) an existing run is an error rather than silently mixed with the new one.
         resume: continue the run in ``log_dir`` after a crash or a restart from a checkpoint: ``metrics.jsonl`` is
