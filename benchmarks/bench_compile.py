@@ -9,7 +9,8 @@ figures are medians over the rounds, reported as ratios of medians from the same
 * ``gg.NormClip`` (clips), ``gg.ZClip`` (after its warm-up, on steady norms: the common step, nothing to scale),
   ``gg.AGC(0.01)`` (gradients ~half of whose units exceed 0.01 x their weight norm);
 
-each compiled (``torch.compile(fn, fullgraph=True)``, inductor, timed after its first call) vs the same call eager,
+each compiled (``torch.compile(fn, fullgraph=True)``, inductor, timed after its first call, and checked to give
+eager's result and gradients) vs the same call eager,
 and vs torch's own eager ``torch.nn.utils`` function (for the strategies: ``torch.nn.utils.clip_grad_norm_``).
 The first call of each compiled function (tracing + inductor code generation + the first run) is reported
 separately as its compile time.
@@ -83,8 +84,22 @@ def contenders(which: str, model: nn.Module) -> tuple[Callable[[], object], Call
     return (lambda: clipper(model).norm), (lambda: nn.utils.clip_grad_norm_(params, max_norm)), clipper
 
 
+def check(compiled: Callable[[], object], eager: Callable[[], object], grads: list[torch.Tensor],
+          restore: Callable[[], None]) -> None:
+    """Refuse to time a compiled call whose result or gradients differ from eager's (float32 rounding aside)."""
+    restore()
+    got = compiled()
+    after = [g.clone() for g in grads]
+    restore()
+    want = eager()
+    if isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for a, b in zip(after, grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def run(which: str, model: nn.Module, rounds: int) -> dict[str, float]:
-    grads = [p.grad for p in model.parameters()]
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
     originals = [g.clone() for g in grads]
 
     def restore() -> None:
@@ -100,6 +115,7 @@ def run(which: str, model: nn.Module, rounds: int) -> dict[str, float]:
     t0 = time.perf_counter()
     compiled()  # tracing, code generation, first run
     compile_s = time.perf_counter() - t0
+    check(compiled, ours, grads, restore)
     med = measure({"compiled": compiled, "eager": ours, "torch": theirs}, restore, rounds)  # measure warms up too
     return {"compile_s": compile_s, **med}
 

@@ -600,7 +600,8 @@ def test_layer_norms_taken_in_pieces_equal_the_float64_norms(norm_type, dtype):
 
     g = torch.Generator().manual_seed(1)
     ts = [(torch.randn(n, generator=g, dtype=torch.float64) * s).to(dtype)
-          for n, s in ((3 * _CHUNK + 5, 1.0), (7, 2.0), (_CHUNK, 1e-2), (0, 1.0), (2 * _CHUNK, 30.0))]
+          for n, s in ((3 * _CHUNK + 5, 1.0), (7, 2.0), (_CHUNK, 1e-2), (0, 1.0), (2 * _CHUNK, 30.0), (1 << 22, 1.0))]
+    ts[5] += 1.0  # 4M values with a common offset: torch's float32 kernel, taken whole, is off by ~1e-4 here
     ts[4] = ts[4].view(2, _CHUNK)
     ts[4][1, 7] = 3e3  # one large value: the pieces' norms differ widely
     ts.append(ts[0][: 3 * _CHUNK].view(_CHUNK, 3).t())  # not contiguous: rows of about _CHUNK values
@@ -614,6 +615,9 @@ def test_layer_norms_taken_in_pieces_equal_the_float64_norms(norm_type, dtype):
         assert torch.equal(got, engine)
     else:
         torch.testing.assert_close(got.double(), want, rtol=3e-5, atol=0)  # float32 accumulation (p = 3: 1.5e-5)
+        if norm_type in (1.0, 2.0):
+            assert abs(float(got[5]) / float(want[5]) - 1) < 5e-6  # the long tensor, in pieces
+            assert abs(float(engine[5]) / float(want[5]) - 1) > 2e-5  # taken whole by torch's kernel: less accurate
         err, engine_err = (got.double() - want).abs(), (engine.double() - want).abs()
         assert bool((err <= engine_err + 2e-6 * want).all()), (err / want, engine_err / want)  # never less accurate
 

@@ -716,12 +716,9 @@ class _LayerProbe:
     one copy of the parameter bytes, and only when ``update_ratio`` is on: that snapshot is state the update ratio
     needs by definition (the optimizer moves every layer in one step), held from one per-layer step to the next.
 
-    Temporaries: at most one piece (``_CHUNK`` values, 128 KiB in float32) at a time, never a layer's copy. The norm
-    engine's device path (no host reads) reduces a reduced-precision CPU tensor through a whole float32 copy of it
-    (``vector_norm(dtype=float32)``), so such tensors are measured as views of ``_CHUNK`` values and their norms
-    combined (:func:`_layer_norms`); float32/float64 tensors and accelerators (whose fused kernel reads bf16/fp16
-    directly) take the engine whole. Names are the user's: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is
-    dropped (``gradguard._compat.uncompiled``).
+    Temporaries: at most one piece (``_CHUNK`` values, 64 KiB in float32) at a time, never a layer's copy; see
+    :func:`_layer_norms`, which also keeps long CPU tensors' norms float32-accurate. Names are the user's: a
+    ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped (``gradguard._compat.uncompiled``).
     """
 
     def __init__(self, every: int | None, norm_type: float, update_ratio: bool) -> None:
@@ -773,8 +770,9 @@ class _LayerProbe:
         self._snapshot = (step, {n: p.detach().clone() for n, p in _user_named_parameters(model) if p.requires_grad})
 
 
-_CHUNK = 1 << 15
-"""Values per view when a reduced-precision CPU tensor's norm is taken in pieces (a float32 copy of 128 KiB each)."""
+_CHUNK = 1 << 14
+"""Values per view when a CPU tensor's norm is taken in pieces (torch's CPU kernel is accurate up to about this many
+values; a bf16/fp16 piece's float32 copy is 64 KiB)."""
 
 
 def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -783,21 +781,25 @@ def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 
 def _layer_norms(tensors: list[Tensor], p: float) -> Tensor:
-    r"""Per-tensor p-norms from the norm engine, holding at most one ``_CHUNK``-value float32 copy at a time.
+    r"""Per-tensor p-norms from the norm engine: float32-accurate, and at most one ``_CHUNK``-value copy at a time.
 
-    Called under :func:`gradguard.norms.device_path`, where the engine's CPU kernel upcasts a bf16/fp16 tensor whole.
-    Such a tensor (longer than ``_CHUNK``, ``p > 0``) is passed as views of ``_CHUNK`` values instead (of about
-    ``_CHUNK`` values' rows when it is not contiguous), and
-    its norm is the p-norm of theirs, :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` for the pieces
-    :math:`g_j` of :math:`g` (the max of the pieces' for :math:`p = \infty`), by
-    :func:`gradguard.norms.combine_norms` (overflow-free). ``p <= 0`` norms do not combine that way: taken whole.
+    Called under :func:`gradguard.norms.device_path` (no host reads), where the engine gives each CPU tensor to one
+    ``torch._foreach_norm`` call. There torch's CPU kernel (a) reduces a bf16/fp16 tensor through a whole float32
+    copy of it (2x the layer's bytes) and (b) accumulates long float32 vectors inaccurately (relative error 1e-5 at
+    1M values, 2.7e-3 for GPT-2's 38.6M-value embedding, where the engine's own CPU path is accurate to 2e-7). So a
+    real CPU tensor longer than ``_CHUNK`` (``p > 0``) is passed as views of ``_CHUNK`` values (rows of about as
+    many when it is not contiguous), and its norm is the p-norm of theirs,
+    :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` for the pieces :math:`g_j` of :math:`g` (their max for
+    :math:`p = \infty`), by :func:`gradguard.norms.combine_norms` (overflow-free). ``p <= 0`` norms do not combine
+    that way (taken whole), nor need complex tensors or accelerators (whose fused kernel reads bf16/fp16 directly).
+    This splitting belongs in the engine's device path on the CPU (it would then serve torch.compile and
+    ``fused_clip_step`` too); it lives here until it moves there.
     """
     pieces: list[Tensor] = []
     spans: list[tuple[int, int]] = []
     for t in tensors:
         start = len(pieces)
-        if (p > 0 and t.device.type == "cpu" and t.numel() > _CHUNK and not t.is_complex()
-                and norms.accumulation_dtype(t.dtype) != t.dtype):
+        if p > 0 and t.device.type == "cpu" and t.numel() > _CHUNK and not t.is_complex():
             if t.is_contiguous():
                 pieces.extend(torch.split(t.view(-1), _CHUNK))
             else:  # rows along dim 0 (views whatever the strides)
@@ -870,7 +872,7 @@ class Monitor:
         update_ratio: keep one copy of the parameters from the step before each per-layer step, to measure the
             update (the optimizer moves every layer at once, so this copy is of all of them: +1x the parameter
             bytes, from that step to the per-layer one; always, with ``per_layer_every=1``). ``False``: per-layer
-            records hold no copy, only temporaries of about 128 KiB at most (``benchmarks/mem_monitor.py``).
+            records hold no copy, only temporaries of about 64 KiB at most (``benchmarks/mem_monitor.py``).
         overwrite: replace an existing run in ``log_dir`` (``metrics.jsonl``, TensorBoard files); without it (and
             without ``resume``) an existing run is an error rather than silently mixed with the new one.
         resume: continue the run in ``log_dir`` after a crash or a restart from a checkpoint: ``metrics.jsonl`` is
