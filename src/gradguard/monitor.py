@@ -716,8 +716,9 @@ class _LayerProbe:
     one copy of the parameter bytes, and only when ``update_ratio`` is on: that snapshot is state the update ratio
     needs by definition (the optimizer moves every layer in one step), held from one per-layer step to the next.
 
-    Temporaries: at most one piece (``_CHUNK`` values, 64 KiB in float32) at a time, never a layer's copy; see
-    :func:`_layer_norms`, which also keeps long CPU tensors' norms float32-accurate. Names are the user's: a
+    Temporaries: one float32 upcast buffer for bf16/fp16 CPU tensors (1 MiB at most, and at most the largest such
+    layer's bytes), never a layer's copy; see :func:`_layer_norms`, which also keeps long CPU tensors' norms
+    float32-accurate. Names are the user's: a
     ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped (``gradguard._compat.uncompiled``).
     """
 
@@ -771,8 +772,10 @@ class _LayerProbe:
 
 
 _CHUNK = 1 << 14
-"""Values per view when a CPU tensor's norm is taken in pieces (torch's CPU kernel is accurate up to about this many
-values; a bf16/fp16 piece's float32 copy is 64 KiB)."""
+"""Values per view when a CPU tensor's norm is taken in pieces (torch's CPU kernel is accurate up to about this
+many)."""
+_STAGE = 1 << 18
+"""Values of the float32 buffer that reduced-precision CPU tensors are upcast through (1 MiB at most)."""
 
 
 def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
@@ -781,36 +784,65 @@ def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter
 
 
 def _layer_norms(tensors: list[Tensor], p: float) -> Tensor:
-    r"""Per-tensor p-norms from the norm engine: float32-accurate, and at most one ``_CHUNK``-value copy at a time.
+    r"""Per-tensor p-norms from the norm engine: float32-accurate, with one small upcast buffer as the only copy.
 
     Called under :func:`gradguard.norms.device_path` (no host reads), where the engine gives each CPU tensor to one
     ``torch._foreach_norm`` call. There torch's CPU kernel (a) reduces a bf16/fp16 tensor through a whole float32
     copy of it (2x the layer's bytes) and (b) accumulates long float32 vectors inaccurately (relative error 1e-5 at
     1M values, 2.7e-3 for GPT-2's 38.6M-value embedding, where the engine's own CPU path is accurate to 2e-7). So a
-    real CPU tensor longer than ``_CHUNK`` (``p > 0``) is passed as views of ``_CHUNK`` values (rows of about as
-    many when it is not contiguous), and its norm is the p-norm of theirs,
-    :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` for the pieces :math:`g_j` of :math:`g` (their max for
+    real CPU tensor longer than ``_CHUNK`` (``p > 0``) is measured as views of ``_CHUNK`` values: a float32/float64
+    one directly, a bf16/fp16 one block by block through one reused float32 buffer of at most ``_STAGE`` values and
+    at most half the tensor's length (so at most the layer's own bytes; a copy per piece instead left the heap
+    fragmented: +2x the parameter bytes of RSS, though never more than a piece was allocated at once). Its norm is
+    the p-norm of its pieces', :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` (their max for
     :math:`p = \infty`), by :func:`gradguard.norms.combine_norms` (overflow-free). ``p <= 0`` norms do not combine
     that way (taken whole), nor need complex tensors or accelerators (whose fused kernel reads bf16/fp16 directly).
-    This splitting belongs in the engine's device path on the CPU (it would then serve torch.compile and
-    ``fused_clip_step`` too); it lives here until it moves there.
+    This belongs in the engine's device path on the CPU (it would then serve torch.compile and ``fused_clip_step``
+    too); it lives here until it moves there.
     """
-    pieces: list[Tensor] = []
-    spans: list[tuple[int, int]] = []
+    views: list[Tensor] = []  # measured together, in one engine call
+    spans: list[tuple[int, int] | Tensor] = []  # per tensor: its views' range, or its staged piece norms
+    buf: Tensor | None = None
     for t in tensors:
-        start = len(pieces)
-        if p > 0 and t.device.type == "cpu" and t.numel() > _CHUNK and not t.is_complex():
-            if t.is_contiguous():
-                pieces.extend(torch.split(t.view(-1), _CHUNK))
-            else:  # rows along dim 0 (views whatever the strides)
-                pieces.extend(torch.split(t, max(1, _CHUNK * t.shape[0] // t.numel()), dim=0))
+        if p <= 0 or t.device.type != "cpu" or t.numel() <= _CHUNK or t.is_complex():
+            spans.append((len(views), len(views) + 1))
+            views.append(t)
+            continue
+        acc = norms.accumulation_dtype(t.dtype)
+        if t.dtype == acc:
+            start = len(views)
+            views.extend(_blocks(t, _CHUNK))
+            spans.append((start, len(views)))
+            continue
+        size = min(_STAGE, (t.numel() + 1) // 2)
+        blocks = _blocks(t, size)
+        need = max(b.numel() for b in blocks)
+        if buf is None or buf.numel() < need or buf.dtype != acc:
+            buf = None  # the old one freed before the new one is made
+            buf = torch.empty(need, dtype=acc)
+        parts = []
+        for block in blocks:
+            staged = buf[:block.numel()]
+            staged.view(block.shape).copy_(block)
+            parts.append(norms.tensor_norms(torch.split(staged, _CHUNK), p, check=False))
+        spans.append(torch.cat(parts))
+    out = norms.tensor_norms(views, p, check=False) if views else None
+    result = []
+    for span in spans:
+        if isinstance(span, Tensor):
+            result.append(norms.combine_norms(span, p))
         else:
-            pieces.append(t)
-        spans.append((start, len(pieces)))
-    out = norms.tensor_norms(pieces, p, check=False)
-    if len(pieces) == len(tensors):
-        return out
-    return torch.stack([out[a] if b == a + 1 else norms.combine_norms(out[a:b], p) for a, b in spans])
+            assert out is not None
+            a, b = span
+            result.append(out[a] if b == a + 1 else norms.combine_norms(out[a:b], p))
+    return torch.stack(result) if out is None else torch.stack([r.to(out) for r in result])
+
+
+def _blocks(t: Tensor, size: int) -> list[Tensor]:
+    """Views of ``t`` of at most about ``size`` values: flat when contiguous, else rows along dim 0."""
+    if t.is_contiguous():
+        return list(torch.split(t.view(-1), size))
+    return list(torch.split(t, max(1, size * t.shape[0] // t.numel()), dim=0))
 
 
 def _undo_clipping(post: Tensor, stats: ClipStats | None, names: tuple[tuple[str, ...], ...]) -> Tensor:
@@ -872,7 +904,7 @@ class Monitor:
         update_ratio: keep one copy of the parameters from the step before each per-layer step, to measure the
             update (the optimizer moves every layer at once, so this copy is of all of them: +1x the parameter
             bytes, from that step to the per-layer one; always, with ``per_layer_every=1``). ``False``: per-layer
-            records hold no copy, only temporaries of about 64 KiB at most (``benchmarks/mem_monitor.py``).
+            records hold no copy, only an upcast buffer of 1 MiB at most (``benchmarks/mem_monitor.py``).
         overwrite: replace an existing run in ``log_dir`` (``metrics.jsonl``, TensorBoard files); without it (and
             without ``resume``) an existing run is an error rather than silently mixed with the new one.
         resume: continue the run in ``log_dir`` after a crash or a restart from a checkpoint: ``metrics.jsonl`` is
