@@ -174,9 +174,9 @@ def test_guard_around_a_compiled_model_trains_like_eager_skips_nan_and_names_lay
         assert all(torch.equal(a, b) for a, b in zip(state, _tensors(opt.state_dict())))
         d, d_twin = guard.diagnosis, guard_twin.diagnosis
         assert d is not None and d_twin is not None and d.located
-        # what the locator says under compile: the same stage, op and cause as eager (it replays the step with the
-        # wrapper's forward, which runs eagerly under its dispatch mode), with module and parameter names through
-        # the wrapper: "_orig_mod.body" for "body" (gradguard/diagnose.py names them from the model it was given)
+        # what the locator says under compile: the same stage, op, cause and value as eager (its replay sees the
+        # compiled model's forward op by op, module by module), with module and parameter names through the
+        # wrapper: "_orig_mod.body" for "body" (diagnose.py and guard.py name them from the model they were given)
         assert (d.stage, d.op, d.cause, d.value) == (d_twin.stage, d_twin.op, d_twin.cause, d_twin.value) == (
             "input", "aten.addmm.default", d_twin.cause, "nan")
         assert d.module is not None and d.module.removeprefix("_orig_mod.") == d_twin.module == "body"
