@@ -718,8 +718,8 @@ class _LayerProbe:
 
     Temporaries: one float32 upcast buffer for bf16/fp16 CPU tensors (1 MiB at most, and at most the largest such
     layer's bytes), never a layer's copy; see :func:`_layer_norms`, which also keeps long CPU tensors' norms
-    float32-accurate. Names are the user's: a
-    ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped (``gradguard._compat.uncompiled``).
+    float32-accurate. Names are the user's: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped
+    (``gradguard._compat.uncompiled``).
     """
 
     def __init__(self, every: int | None, norm_type: float, update_ratio: bool) -> None:
