@@ -13,6 +13,7 @@ each entry point here on the installed torch.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "step_without_hooks",
     "torch_step_function",
     "tree_flatten",
+    "uncompiled",
     "unscale_once",
 ]
 
@@ -48,6 +50,17 @@ except ImportError as e:  # pragma: no cover - only on a torch that moved them
 # ---------------------------------------------------------------------------------------------------- modules
 CONV_TRANSPOSE: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 """The transposed convolutions: their weights are ``(in, out / groups, *kernel)``, output units on dim 1 per group."""
+
+
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The module that ``torch.compile(module)`` wrapped (its parameters under the user's own names, without the
+    wrapper's ``_orig_mod.`` prefix), unwrapped repeatedly; ``module`` itself when it is no such wrapper."""
+    frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    wrapper = getattr(frame, "OptimizedModule", None)
+    while wrapper is not None and isinstance(module, wrapper) and isinstance(getattr(module, "_orig_mod", None),
+                                                                             nn.Module):
+        module = module._orig_mod
+    return module
 
 
 # ---------------------------------------------------------------------------------------------------- foreach
