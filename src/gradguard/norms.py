@@ -48,7 +48,6 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -186,26 +185,50 @@ def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None
 # (measured at 16K: 1e-7 on zero-mean data, 1.5e-6 with a large common offset). Partials of disjoint pieces
 # combine into the partial of their union (_merge).
 #
-# Except for p = 2: there one BLAS dot per view of up to _DOT values runs on every core (GPT-2 small fp32: 30 ms
-# against 55 ms for one _foreach_norm and 83 ms for 16K views, idle 2-core machine). The kernel is fixed for the
-# process, never chosen from the machine's load, so the same gradients always give the same bits (a load-dependent
-# switch made results differ by ~1e-7 from one step to the next). Where other processes keep the cores busy (MKL's
-# dot calls then wait for descheduled threads), GRADGUARD_CPU_NORM_KERNEL=foreach selects the views in one
-# _foreach_norm call instead.
-_DOT = 1 << 20
-_KERNEL = {"dot": os.environ.get("GRADGUARD_CPU_NORM_KERNEL", "dot") != "foreach"}  # tests flip it
+# Except for p = 2, the hot path: there every float32 / float64 / bfloat16 tensor of _DIRECT values or more is read
+# once, as rows of _ROW values, by one ``torch.linalg.vector_norm(rows, dim=-1)`` call per tensor (torch's own
+# last-dimension reduction, parallel over rows, vectorised, accumulating in float32 / float64; the bf16 kernel reads
+# bf16 directly, without the upcast copy that every fp32-output variant makes). The row norms of all tensors (and
+# the norms of their < _ROW-value tails) are combined in float64. Why rows:
+#
+# * accuracy: each row is a short sum (fp32: row error <= 4e-7 even on constant data, where 16K-value views are off
+#   by 9e-6), and the row errors are independent, so the total is within ~1e-8 of float64 on 10^5 rows;
+# * one kernel for every machine state: torch's reduction of a whole 1-D tensor is single-threaded (it parallelises
+#   over outputs, and there is one), and BLAS dots (MKL) stall on a descheduled thread when other processes keep the
+#   cores busy; rows split across threads by torch's own parallel_for, a fixed partition, so the same gradients give
+#   the same bits whatever the load and the thread count;
+# * bfloat16: torch's bf16 row kernel rounds each row's norm to bf16 (relative error <= 2^-8, measured mean 1.4e-3).
+#   The errors of different rows are independent, so the total's relative error is about 1e-3 / sqrt(rows): ~6e-6 on
+#   GPT-2 small (121K rows), ~1e-4 on a 64K-value tensor (64 rows), never more than 2^-8, the gradients' own
+#   resolution. torch's own bf16 norm rounds each tensor's norm to bf16 and accumulates whole tensors in one chain
+#   (5e-3 on 38M values). The exact alternative, upcasting chunk by chunk, costs two calls per 256K values and twice
+#   the read. fp16 keeps that exact path (fp16 row norms are slower than torch and overflow at 65504).
+_ROW = 1 << 10
+_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _use_dot() -> bool:
-    """Whether p = 2 CPU norms use BLAS dots (the default) rather than views in one ``_foreach_norm`` call."""
-    return _KERNEL["dot"]
+def _rows_of(v: Tensor) -> tuple[Tensor, Tensor]:
+    """A 1-D contiguous vector as ``(rows, tail)``: a ``[n // _ROW, _ROW]`` view and the last ``n % _ROW`` values."""
+    r = v.numel() // _ROW
+    return v[: r * _ROW].view(r, _ROW), v[r * _ROW :]
 
 
-def _dot_norm(v: Tensor) -> Tensor:
-    """The 2-norm of a 1-D contiguous vector by BLAS dots over views of at most _DOT values."""
-    if v.numel() <= _DOT:
-        return torch.dot(v, v).sqrt()
-    return torch.stack([torch.dot(c, c) for c in torch.split(v, _DOT)]).sum().sqrt()
+def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
+    """The 2-norm of same-dtype tensors (each of at least _ROW values) by row norms, combined in float64; in ``acc``.
+
+    No host read: also the CPU kernel of :func:`device_path`.
+    """
+    norms: list[Tensor] = []
+    tails: list[Tensor] = []
+    for t in tensors:
+        rows, tail = _rows_of(t.reshape(-1))
+        norms.append(torch.linalg.vector_norm(rows, dim=-1))
+        if tail.numel():
+            tails.append(tail)
+    flat = (norms[0] if len(norms) == 1 else torch.cat(norms)).to(torch.float64)
+    if tails:  # one call for all tails, accumulated in acc (a < _ROW-value copy each for bf16)
+        flat = torch.cat([flat, torch.stack(torch._foreach_norm(tails, 2.0, dtype=acc)).to(torch.float64)])
+    return torch.linalg.vector_norm(flat).to(acc)
 
 
 def _partial(v: Tensor, p: float) -> Tensor:
@@ -215,10 +238,14 @@ def _partial(v: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
-    if p == 2.0 and v.numel() > _SPLIT and _use_dot():
-        return _dot_norm(v)
     if v.numel() <= _SPLIT:
         return torch.linalg.vector_norm(v, p)
+    if p == 2.0:  # row norms (see above); at most _CHUNK values here, so a float32 combine of <= 256 rows
+        rows, tail = _rows_of(v)
+        norms = torch.linalg.vector_norm(rows, dim=-1)
+        if tail.numel():
+            norms = torch.cat([norms, torch.linalg.vector_norm(tail).view(1)])
+        return torch.linalg.vector_norm(norms)
     return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
 
 
@@ -291,8 +318,8 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     for rest, items in by_rest.items():
         parts.extend(_concatenated_partials(rest, items, p, acc, scratch))
-    if direct and p == 2.0 and _use_dot():
-        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
+    if direct and p == 2.0:
+        parts.append(_rows_total(direct, acc))
     elif direct:
         views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
@@ -305,13 +332,14 @@ def _partition(
     tensors: list[Tensor], p: float, native: bool, scratch: _UpcastBuffer
 ) -> tuple[list[Tensor], dict[object, list[tuple[Tensor, int]]], list[Tensor]]:
     """Split a CPU group into the partials of large reduced-precision tensors (computed here), the small tensors by
-    trailing shape (to be concatenated), and the large native ones (reduced together)."""
+    trailing shape (to be concatenated), and the large native ones, and bf16 ones for p = 2 (reduced together)."""
     parts: list[Tensor] = []
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
     direct: list[Tensor] = []
+    rows = native or (p == 2.0 and tensors[0].dtype == torch.bfloat16)  # bf16 2-norms: row norms too
     for t in tensors:
         n = t.numel()
-        if native and n >= _DIRECT:
+        if rows and n >= _DIRECT:
             direct.append(t)
         elif n >= _SMALL:
             parts.append(_cpu_tensor_partial(t, p, scratch))
@@ -424,6 +452,8 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-280}  # p-th powers summing bel
 def _suspect(value: float, p: float, acc: torch.dtype) -> bool:
     """Whether a norm computed from p-th powers may have overflowed or underflowed."""
     return not math.isfinite(value) or (p > 1 and value < _TINY[acc] ** (1.0 / p))
+
+
 def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
     """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
     acc = accumulation_dtype(t.dtype)
@@ -581,10 +611,32 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
         group = [ts[i] for i in idx]
         if device.type == "cpu" and host_reads_allowed() and not _exotic(p):
             parts.append(_cpu_group_total(group, p, scratch))
+        elif device.type == "cpu" and _rows_on_device_path(group, p):
+            parts.append(_cpu_device_path_total(group))
         else:
             fe = None if device.type == "cpu" else foreach
             parts.append(combine_norms(torch.stack(_device_group_norms(group, p, fe)), p))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
+
+
+def _rows_on_device_path(group: list[Tensor], p: float) -> bool:
+    """Whether a CPU group on the no-host-read path (:func:`device_path`, e.g. ``fused_clip_step``) takes the row
+    kernel: 2-norms of float32/float64/bf16 gradients, not while torch.compile traces (its own kernels do there)."""
+    return p == 2.0 and group[0].dtype in _ROW_DTYPES and not torch.compiler.is_compiling()
+
+
+def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
+    """The 2-norm of a same-dtype CPU group with no host read: large tensors by row norms, the others by one
+    ``_foreach_norm`` call, combined in float64 (as :func:`_cpu_group_total`, without its host-side rescue)."""
+    acc = accumulation_dtype(group[0].dtype)
+    large = [t for t in group if t.numel() >= _DIRECT]
+    small = [t for t in group if 0 < t.numel() < _DIRECT]
+    parts = [_rows_total(large, acc)] if large else []
+    if small:
+        parts.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(small, 2.0, dtype=acc))))
+    if not parts:
+        return torch.zeros((), dtype=acc)
+    return parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
 
 
 def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
