@@ -207,27 +207,46 @@ _ROW = 1 << 10
 _ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _rows_of(v: Tensor) -> tuple[Tensor, Tensor]:
-    """A 1-D contiguous vector as ``(rows, tail)``: a ``[n // _ROW, _ROW]`` view and the last ``n % _ROW`` values."""
-    r = v.numel() // _ROW
-    return v[: r * _ROW].view(r, _ROW), v[r * _ROW :]
+_ROW_EXACT = (_ROW, _ROW // 2, _ROW // 4, _ROW // 8)  # a tensor under _ROW_TAIL values takes the first that divides it
+_ROW_TAIL = 1 << 20  # ...larger ones rows of _ROW and a tail: one more op, but the long rows are cheaper per value
+
+
+def _row_view(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``t`` as ``(rows, tail)``: a 2-D view of rows of at most _ROW values, and the values left over (or None).
+
+    Rows are as long as possible (the kernel pays per row) and, below _ROW_TAIL values, of a length that divides the
+    tensor, so that most tensors are one view and one kernel call (per call, Python costs more than a short read).
+    """
+    n = t.numel()
+    if n < _ROW_TAIL:
+        for c in _ROW_EXACT:
+            if n % c == 0:
+                return t.view(-1, c) if t.is_contiguous() else t.reshape(-1, c), None
+    v = t.reshape(-1)
+    r = n // _ROW
+    return v[: r * _ROW].view(r, _ROW), (v[r * _ROW :] if n > r * _ROW else None)
 
 
 def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
-    """The 2-norm of same-dtype tensors (each of at least _ROW values) by row norms, combined in float64; in ``acc``.
+    """The 2-norm of same-dtype tensors (each of at least _DIRECT values), combined in float64; in ``acc``.
 
-    No host read: also the CPU kernel of :func:`device_path`.
+    Tensors of more than _SPLIT values are read as rows (one call each); the others, and the tails, are one
+    ``_foreach_norm`` call (each a single short reduction: one Python call for all, no copy). No host read: also the
+    CPU kernel of :func:`device_path`.
     """
     norms: list[Tensor] = []
-    tails: list[Tensor] = []
+    whole: list[Tensor] = []  # tensors of at most _SPLIT values, and tails
     for t in tensors:
-        rows, tail = _rows_of(t.reshape(-1))
+        if t.numel() <= _SPLIT:
+            whole.append(t)
+            continue
+        rows, tail = _row_view(t)
         norms.append(torch.linalg.vector_norm(rows, dim=-1))
-        if tail.numel():
-            tails.append(tail)
+        if tail is not None:
+            whole.append(tail)
+    if whole:
+        norms.append(torch.stack(torch._foreach_norm(whole, 2.0)))
     flat = (norms[0] if len(norms) == 1 else torch.cat(norms)).to(torch.float64)
-    if tails:  # one call for all tails, accumulated in acc (a < _ROW-value copy each for bf16)
-        flat = torch.cat([flat, torch.stack(torch._foreach_norm(tails, 2.0, dtype=acc)).to(torch.float64)])
     return torch.linalg.vector_norm(flat).to(acc)
 
 
@@ -240,10 +259,10 @@ def _partial(v: Tensor, p: float) -> Tensor:
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
     if v.numel() <= _SPLIT:
         return torch.linalg.vector_norm(v, p)
-    if p == 2.0:  # row norms (see above); at most _CHUNK values here, so a float32 combine of <= 256 rows
-        rows, tail = _rows_of(v)
+    if p == 2.0:  # row norms (see above); at most _CHUNK values here, so a float32 combine of <= 2048 rows
+        rows, tail = _row_view(v)
         norms = torch.linalg.vector_norm(rows, dim=-1)
-        if tail.numel():
+        if tail is not None:
             norms = torch.cat([norms, torch.linalg.vector_norm(tail).view(1)])
         return torch.linalg.vector_norm(norms)
     return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
