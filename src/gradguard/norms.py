@@ -14,9 +14,16 @@ How it is computed:
 * accumulation is in float32 (float64 for float64 / complex128 gradients), so finite float16 / bfloat16 gradients
   never overflow to an infinite norm (torch keeps per-tensor norms in the gradient dtype: an fp16 gradient with
   norm 8e4 gives ``inf``);
-* on CPU: float32/float64 tensors by one ``torch._foreach_norm`` call over views of at most 16K values (torch's
-  kernel is inaccurate on longer vectors), or, when the machine is idle, by BLAS dots over 1M-value views; the
-  inf-norm by ``aminmax``; reduced-precision tensors upcast chunk by chunk into a small cache-resident buffer;
+* on CPU, the 2-norm (the hot path) of float32 / float64 / bfloat16 tensors of 8K values or more: each tensor read
+  once as rows of 1024 values by one ``torch.linalg.vector_norm(rows, dim=-1)`` call (torch's own reduction,
+  parallel over rows; one fixed kernel whatever the machine's load or thread count, so the same gradients give the
+  same bits), the row norms combined in float64. float32: within 1e-6 of float64 (each row a short sum, even on
+  constant data). bfloat16 (total only): each row's norm is rounded to bf16 by torch's kernel, which reads bf16
+  without a copy; the errors are independent, so the total is within about 1.6e-3 / sqrt(rows) (6e-6 on GPT-2
+  small), never more than 2^-8; torch's own bf16 norm is off by up to 5e-3;
+* on CPU, other orders: views of at most 16K values in one ``torch._foreach_norm`` call (torch's kernel is
+  inaccurate on longer vectors); the inf-norm by ``aminmax``; float16 tensors (and bf16 per-tensor norms) upcast
+  chunk by chunk into a small cache-resident buffer, exactly;
   when only the total is needed, small tensors concatenated so that thousands of them cost a few kernel calls;
 * every order torch accepts: ``p > 0``, ``inf``, and ``0``, ``p < 0``, ``-inf`` (per-tensor norms by torch's
   kernel, combined as torch combines them: for ``p = 0`` the total counts the tensors with a non-zero entry);
@@ -26,7 +33,8 @@ How it is computed:
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
   to the host;
 * empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
-* while ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
+* inside :func:`device_path` (``fused_clip_step``), CPU 2-norms take the row kernel too, with no host read; while
+  ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -197,12 +205,13 @@ def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None
 #   over outputs, and there is one), and BLAS dots (MKL) stall on a descheduled thread when other processes keep the
 #   cores busy; rows split across threads by torch's own parallel_for, a fixed partition, so the same gradients give
 #   the same bits whatever the load and the thread count;
-# * bfloat16: torch's bf16 row kernel rounds each row's norm to bf16 (relative error <= 2^-8, measured mean 1.4e-3).
-#   The errors of different rows are independent, so the total's relative error is about 1e-3 / sqrt(rows): ~6e-6 on
-#   GPT-2 small (121K rows), ~1e-4 on a 64K-value tensor (64 rows), never more than 2^-8, the gradients' own
-#   resolution. torch's own bf16 norm rounds each tensor's norm to bf16 and accumulates whole tensors in one chain
-#   (5e-3 on 38M values). The exact alternative, upcasting chunk by chunk, costs two calls per 256K values and twice
-#   the read. fp16 keeps that exact path (fp16 row norms are slower than torch and overflow at 65504).
+# * bfloat16: torch's bf16 row kernel rounds each row's norm to bf16 (relative error <= 2^-8, measured mean 1.4e-3);
+#   bf16 tensors of 8K-64K values are reduced whole (one rounded norm each, as torch does for every tensor). These
+#   errors are independent, so the total's relative error is about 1.6e-3 / sqrt(pieces): ~6e-6 on GPT-2 small (121K
+#   rows), ~2e-4 on one 64K-value tensor, never more than 2^-8, the gradients' own resolution. torch's own bf16 norm
+#   rounds each tensor's norm and accumulates a whole tensor in one chain (5e-3 on 38M values). The exact
+#   alternative, upcasting chunk by chunk, makes two calls per 256K values and a copy: it was 1.1x-2x torch. Per-tensor
+#   norms (tensor_norms) keep it, and so does fp16 (fp16 row norms are slower than torch and overflow at 65504).
 _ROW = 1 << 10
 _ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
@@ -230,14 +239,16 @@ def _row_view(t: Tensor) -> tuple[Tensor, Tensor | None]:
 def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
     """The 2-norm of same-dtype tensors (each of at least _DIRECT values), combined in float64; in ``acc``.
 
-    Tensors of more than _SPLIT values are read as rows (one call each); the others, and the tails, are one
-    ``_foreach_norm`` call (each a single short reduction: one Python call for all, no copy). No host read: also the
-    CPU kernel of :func:`device_path`.
+    Every tensor is read as rows (one call each), except bf16 tensors of at most _SPLIT values: those, and the
+    tails, are one ``_foreach_norm`` call (each a single short reduction; one Python call for all, no copy: for
+    64 bf16 tensors of 16K-64K values rows cost 40% more than torch's one reduction per tensor). No host read: also
+    the CPU kernel of :func:`device_path`.
     """
     norms: list[Tensor] = []
-    whole: list[Tensor] = []  # tensors of at most _SPLIT values, and tails
+    whole: list[Tensor] = []  # bf16 tensors of at most _SPLIT values, and tails
+    bf16 = tensors[0].dtype == torch.bfloat16
     for t in tensors:
-        if t.numel() <= _SPLIT:
+        if bf16 and t.numel() <= _SPLIT:
             whole.append(t)
             continue
         rows, tail = _row_view(t)
@@ -322,11 +333,11 @@ def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
 def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
     """Total norm of a same-dtype CPU group.
 
-    float32/float64 tensors of ``_DIRECT`` elements or more are reduced by one ``torch._foreach_norm`` call (torch's
-    own kernel: one call from Python, no copy; measured on the busy 2-core machine 6x faster than one BLAS dot per
-    tensor, whose every call waits for the descheduled second thread). Large reduced-precision tensors are upcast
-    chunk by chunk; small tensors are concatenated (grouped by trailing shape, so no per-tensor reshape is needed)
-    into the scratch buffer, upcast on the way, and reduced a batch at a time (thousands of them in a few calls).
+    float32/float64 tensors of ``_DIRECT`` elements or more, and bf16 ones for ``p = 2``, are reduced together: by
+    row norms for ``p = 2`` (:func:`_rows_total`), else by views in one ``torch._foreach_norm`` call. Other large
+    reduced-precision tensors are upcast chunk by chunk; small tensors are concatenated (grouped by trailing shape,
+    so no per-tensor reshape is needed) into the scratch buffer, upcast on the way, and reduced a batch at a time
+    (thousands of them in a few calls).
     """
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
