@@ -208,3 +208,15 @@ def test_same_gradients_same_bits_whatever_the_thread_count(dtype):
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_path_combines_tensor_and_row_norms_without_overflow(dtype):
+    # No host read there, so no rescue; but norms below 1.8e19 whose squares sum past the float32 maximum (1.5e19 and
+    # 1.5e19: 4.5e38) still combine to a finite total, in float64, for small tensors and rows alike.
+    ts = [torch.full((1,), 1.5e19, dtype=dtype), torch.full((1,), 1.5e19, dtype=dtype)]
+    rows = [torch.full((70_000,), 1.5e19 / math.sqrt(1024), dtype=dtype)]  # each 1024-value row has norm ~1.5e19
+    for case in (ts, rows, ts + rows):
+        with N.device_path():
+            total = float(gg.get_total_norm(case))
+        assert total == pytest.approx(_exact(case, 2), rel=1e-2 if dtype == torch.bfloat16 else 1e-6)

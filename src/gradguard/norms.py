@@ -662,8 +662,9 @@ def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
     large = [t for t in group if t.numel() >= _DIRECT]
     small = [t for t in group if 0 < t.numel() < _DIRECT]
     parts = [_rows_total(large, acc)] if large else []
-    if small:
-        parts.append(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(small, 2.0, dtype=acc))))
+    if small:  # combined in float64: squares of norms above 1.8e19 would overflow float32
+        small_norms = torch.stack(torch._foreach_norm(small, 2.0, dtype=acc)).to(torch.float64)
+        parts.append(torch.linalg.vector_norm(small_norms).to(acc))
     if not parts:
         return torch.zeros((), dtype=acc)
     return parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
