@@ -315,3 +315,28 @@ def test_mixed_or_fp32_gradients_keep_the_fp32_factor_and_foreach_none_equals_th
     for p, q, b in zip(params, twin, before):
         assert torch.equal(p.grad, b * c)  # the float32 factor, bf16 tensor included (mixed list)
         assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_write_pass_on_the_cpu_workers_equals_the_loop(dtype):
+    # 11M values: the write pass runs as ~1M-value pieces on the single-threaded CPU workers. Bit-identical to the
+    # per-tensor loop (foreach=False), including a non-contiguous gradient (scaled whole) and a gradient that itself
+    # requires grad (grad mode is per thread: the workers run under no_grad too).
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = make_params([(4096, 1024), (2_500_001,), (2048, 2048), (3000,)], dtype)
+        params[2].grad = params[2].grad.t()  # non-contiguous
+        params[3].grad.requires_grad_(True)
+        twin = clone_params(params)
+        twin[2].grad = twin[2].grad.t().contiguous().t()
+        before_grads = [p.grad.detach().clone() for p in params]
+        total = gg.clip_grad_norm_(params, 0.5)
+        gg.clip_grad_norm_(twin, 0.5, foreach=False)
+    finally:
+        torch.set_num_threads(before)
+    for p, q, b in zip(params, twin, before_grads):
+        assert torch.equal(p.grad, q.grad)
+        assert not torch.equal(p.grad, b)  # really scaled
+    assert float(gg.get_total_norm([p.grad for p in params])) == pytest.approx(0.5, rel=1e-2)
+    assert float(total) > 0.5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -220,3 +222,81 @@ def test_device_path_combines_tensor_and_row_norms_without_overflow(dtype):
         with N.device_path():
             total = float(gg.get_total_norm(case))
         assert total == pytest.approx(_exact(case, 2), rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+def _big_inputs(dtype):
+    # 11M values: enough tasks for the CPU workers (fewer than _POOL_MIN run inline)
+    torch.manual_seed(3)
+    shapes = [(4096, 1024), (2_500_001,), (2048, 2048), (70_000,), (700, 30)]
+    return [(torch.randn(s, dtype=torch.float64) * 0.01 + 0.003).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_workers_give_the_same_bits_as_inline_and_match_float64(dtype):
+    ts = _big_inputs(dtype)
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3):  # 1: inline; 2 and 3: that many single-threaded workers
+            torch.set_num_threads(n)
+            results[n] = gg.get_total_norm(ts)
+            with N.device_path():
+                assert torch.equal(gg.get_total_norm(ts), results[n])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
+    rel = 1e-6 if dtype == torch.float32 else _bf16_rows_rel(sum(t.numel() for t in ts))
+    assert float(results[1]) == pytest.approx(_exact(ts, 2), rel=rel)
+
+
+def test_cpu_workers_run_single_threaded_kernels_and_leave_the_caller_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = N.cpu_map(lambda _: (torch.get_num_threads(), threading.current_thread().name), list(range(N._POOL_MIN)))
+        assert {n for n, _ in seen} == {1}  # each worker's own OpenMP setting
+        assert all(name.startswith("gradguard-cpu") for _, name in seen)
+        assert torch.get_num_threads() == 2  # the calling thread keeps its setting
+        few = N.cpu_map(lambda _: threading.current_thread().name, list(range(N._POOL_MIN - 1)))
+        assert set(few) == {threading.current_thread().name}  # little work: inline
+    finally:
+        torch.set_num_threads(before)
+
+
+_FORK_INPUTS: list[torch.Tensor] = []
+
+
+def _norm_in_child(queue):
+    # Only the workers run kernels here with more than one thread's worth of work: GNU OpenMP itself cannot start a
+    # multi-threaded region in a forked child once the parent has used one (a torch limitation, hence the inputs are
+    # made in the parent).
+    queue.put(float(gg.get_total_norm(_FORK_INPUTS)))
+
+
+def test_cpu_workers_survive_fork():
+    # The parent has started its workers; a forked child has none of their threads and must start its own (without
+    # the at-fork reset it would wait forever for the parent's).
+    _FORK_INPUTS[:] = _big_inputs(torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = float(gg.get_total_norm(_FORK_INPUTS))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_norm_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == expected
+    finally:
+        torch.set_num_threads(before)
+        _FORK_INPUTS.clear()
+
+
+def test_big_inputs_are_enough_for_the_workers():
+    tasks = N.cpu_tasks(
+        r for t in _big_inputs(torch.float32) for r in torch.split(N._row_view(t)[0], N._TASK // N._ROW)
+    )
+    assert len(tasks) >= N._POOL_MIN

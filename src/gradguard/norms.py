@@ -55,10 +55,15 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 
 from __future__ import annotations
 
+import ctypes
 import math
-from collections.abc import Iterable, Iterator, Sequence
+import os
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -88,6 +93,105 @@ _SPLIT = 1 << 16  # ...those longer than this (shorter ones: one view each, erro
 _FEW = 64  # this many same-dtype tensors or fewer, all float32/float64 and small: one _foreach_norm, nothing else
 _CHUNK = 1 << 18  # elements per float32 upcast chunk for reduced-precision tensors on CPU (1 MiB buffer)
 _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
+
+
+# ------------------------------------------------------------------------------------------ CPU worker threads
+# Long CPU passes (the row norms here, the scaling write in gradguard.scaling) run as tasks of about _TASK values on
+# torch.get_num_threads() Python worker threads, each of whose torch kernels is single-threaded (its OpenMP thread
+# count is set to 1: that setting is per thread), instead of one multi-threaded kernel per tensor. Why: an OpenMP
+# kernel splits its work statically across the cores and waits for the slowest part, so when other processes keep a
+# core busy every call waits for a descheduled thread (measured on the 2-core machine under load: a per-tensor
+# multi-threaded pass 3x-9x slower than torch's single-threaded norm). Tasks are handed out dynamically, so a
+# descheduled worker just does fewer of them. The results do not depend on who computes what: each row is reduced by
+# one thread, and they are combined in a fixed order, so the same gradients give the same bits. Without an OpenMP
+# runtime to set per thread (another ATen backend), with one thread, or for less than ~8M values (where handing
+# tasks out costs more than it saves), kernels run inline with torch's own threading.
+_TASK = 1 << 20  # values per task (4 MiB of float32): ~0.3 ms of work against ~20 us to hand a task out
+_POOL_MIN = 8  # fewer tasks run inline, as before (handing tasks out costs 50-100 us, measured under load)
+_T = TypeVar("_T")
+
+
+class _Workers:
+    """The lazily started pool of single-threaded torch workers (recreated when the thread count changes, dropped
+    in a forked child, whose copy has no threads)."""
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.size = 0
+        self.lock = threading.Lock()
+        self.omp_set_num_threads: Any = None
+        self.probed = False
+
+    def get(self) -> ThreadPoolExecutor | None:
+        n = torch.get_num_threads()
+        if n < 2:
+            return None
+        with self.lock:
+            if not self.probed:
+                self.probed = True
+                self.omp_set_num_threads = _omp_set_num_threads()
+            if self.omp_set_num_threads is None:
+                return None
+            if self.pool is None or self.size != n:
+                if self.pool is not None:
+                    self.pool.shutdown(wait=False)
+                self.pool = ThreadPoolExecutor(n, "gradguard-cpu", initializer=self.single_threaded)
+                self.size = n
+            return self.pool
+
+    def single_threaded(self) -> None:
+        """A worker's initializer: torch's per-thread lazy init first (it would set the process's thread count on the
+        thread's first parallel call), then this thread's OpenMP thread count to 1."""
+        torch.get_num_threads()
+        self.omp_set_num_threads(1)
+
+    def forget(self) -> None:
+        self.pool, self.size, self.lock = None, 0, threading.Lock()
+
+
+def _omp_set_num_threads() -> Any:
+    """libgomp's ``omp_set_num_threads`` when ATen runs on OpenMP and it is loaded, else None."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):  # pragma: no cover - platforms without a global symbol table
+        return None
+
+
+_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKERS.forget)
+
+
+def _no_grad_call(fn: Callable[[Any], _T], item: Any) -> _T:
+    with torch.no_grad():  # grad mode is per thread
+        return fn(item)
+
+
+def cpu_map(fn: Callable[[Any], _T], tasks: Sequence[Any]) -> list[_T]:
+    """``[fn(t) for t in tasks]``, in order, on the single-threaded CPU workers (inline, with torch's own threading,
+    for fewer than _POOL_MIN tasks or one thread)."""
+    pool = _WORKERS.get() if len(tasks) >= _POOL_MIN else None
+    if pool is None:
+        return [fn(t) for t in tasks]
+    return list(pool.map(_no_grad_call, [fn] * len(tasks), tasks))
+
+
+def cpu_tasks(pieces: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Pieces (tensors or views) batched into tasks of about _TASK values, in order; a piece is never split."""
+    tasks: list[list[Tensor]] = []
+    cur: list[Tensor] = []
+    size = 0
+    for piece in pieces:
+        cur.append(piece)
+        size += piece.numel()
+        if size >= _TASK:
+            tasks.append(cur)
+            cur, size = [], 0
+    if cur:
+        tasks.append(cur)
+    return tasks
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -239,26 +343,33 @@ def _row_view(t: Tensor) -> tuple[Tensor, Tensor | None]:
 def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
     """The 2-norm of same-dtype tensors (each of at least _DIRECT values), combined in float64; in ``acc``.
 
-    Every tensor is read as rows (one call each), except bf16 tensors of at most _SPLIT values: those, and the
-    tails, are one ``_foreach_norm`` call (each a single short reduction; one Python call for all, no copy: for
-    64 bf16 tensors of 16K-64K values rows cost 40% more than torch's one reduction per tensor). No host read: also
-    the CPU kernel of :func:`device_path`.
+    Every tensor is read as rows (views of at most _TASK values, on the CPU workers), except bf16 tensors of at most
+    _SPLIT values: those, and the tails, are one ``_foreach_norm`` call (each a single short reduction; one Python
+    call for all, no copy: for 64 bf16 tensors of 16K-64K values rows cost 40% more than torch's one reduction per
+    tensor). No host read: also the CPU kernel of :func:`device_path`.
     """
-    norms: list[Tensor] = []
+    pieces: list[Tensor] = []
     whole: list[Tensor] = []  # bf16 tensors of at most _SPLIT values, and tails
     bf16 = tensors[0].dtype == torch.bfloat16
+    step = _TASK // _ROW
     for t in tensors:
         if bf16 and t.numel() <= _SPLIT:
             whole.append(t)
             continue
         rows, tail = _row_view(t)
-        norms.append(torch.linalg.vector_norm(rows, dim=-1))
+        pieces.extend(torch.split(rows, step) if rows.shape[0] > step else (rows,))
         if tail is not None:
             whole.append(tail)
+    norms = [n for batch in cpu_map(_row_norms, cpu_tasks(pieces)) for n in batch]
     if whole:
         norms.append(torch.stack(torch._foreach_norm(whole, 2.0)))
     flat = (norms[0] if len(norms) == 1 else torch.cat(norms)).to(torch.float64)
     return torch.linalg.vector_norm(flat).to(acc)
+
+
+def _row_norms(pieces: list[Tensor]) -> list[Tensor]:
+    """The row norms of each 2-D piece: one worker task."""
+    return [torch.linalg.vector_norm(rows, dim=-1) for rows in pieces]
 
 
 def _partial(v: Tensor, p: float) -> Tensor:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from gradguard.distributed import dtensor_type
-from gradguard.norms import group_by_device_and_dtype, host_reads_allowed, use_foreach
+from gradguard.norms import cpu_map, cpu_tasks, group_by_device_and_dtype, host_reads_allowed, use_foreach
 
 __all__ = ["EPS", "clip_coefficient", "clip_to_norm_", "deferred_scale", "scale_", "scale_units_"]
 
@@ -161,12 +161,13 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None)
 def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None, *, all_cpu: bool = False) -> None:
     """``t *= coef`` for every tensor: one foreach call per (device, dtype) group where supported, else a loop.
 
-    All on CPU (``all_cpu``, known to the caller) with ``foreach=None``: one ``torch._foreach_mul_`` call for all of
-    them, whatever their dtypes. On CPU that is torch's C++ loop of the same in-place ``mul_`` per tensor (same bits),
-    without a Python iteration per tensor; ``foreach=False`` keeps the Python loop.
+    All on CPU (``all_cpu``, known to the caller) with ``foreach=None``: ``torch._foreach_mul_`` calls (torch's C++
+    loop of the same in-place ``mul_`` per tensor, whatever the dtypes: same bits, no Python iteration per tensor) on
+    pieces of about a million values, run by the engine's single-threaded CPU workers (see :mod:`gradguard.norms`:
+    robust where other processes keep the cores busy); ``foreach=False`` keeps the Python loop.
     """
     if all_cpu and foreach is None:
-        torch._foreach_mul_(list(tensors), coef)
+        cpu_map(_mul_task(coef), cpu_tasks(_pieces(tensors)))
         return
     coefs: dict[torch.device, Tensor] = {}
     for (device, _), idx in group_by_device_and_dtype(tensors).items():
@@ -179,6 +180,26 @@ def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None, *
         else:
             for t in ts:
                 t.mul_(c)
+
+
+_PIECE = 1 << 20  # values per piece of a long contiguous tensor in the CPU write pass
+
+
+def _pieces(tensors: Sequence[Tensor]) -> Iterator[Tensor]:
+    """Contiguous tensors longer than _PIECE as flat views of _PIECE values (in place writes reach the tensor), the
+    others whole."""
+    for t in tensors:
+        if t.numel() > _PIECE and t.is_contiguous():
+            yield from torch.split(t.view(-1), _PIECE)
+        else:
+            yield t
+
+
+def _mul_task(coef: Tensor) -> Callable[[list[Tensor]], None]:
+    def run(pieces: list[Tensor]) -> None:
+        torch._foreach_mul_(pieces, coef)
+
+    return run
 
 
 @torch.no_grad()
