@@ -318,10 +318,12 @@ def test_mixed_or_fp32_gradients_keep_the_fp32_factor_and_foreach_none_equals_th
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_long_write_pass_on_the_cpu_workers_equals_the_loop(dtype):
-    # 11M values: the write pass runs as ~1M-value pieces on the single-threaded CPU workers. Bit-identical to the
+def test_long_write_pass_on_the_cpu_workers_equals_the_loop(dtype, monkeypatch):
+    # 11M values in tasks of 1M (the default, 4M, takes 32M values to use the workers): the write pass runs as
+    # ~1M-value pieces on the single-threaded CPU workers. Bit-identical to the
     # per-tensor loop (foreach=False), including a non-contiguous gradient (scaled whole) and a gradient that itself
     # requires grad (grad mode is per thread: the workers run under no_grad too).
+    monkeypatch.setattr(gg.norms, "_TASK", 1 << 20)
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -224,15 +224,21 @@ def test_device_path_combines_tensor_and_row_norms_without_overflow(dtype):
         assert total == pytest.approx(_exact(case, 2), rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
 
 
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Tasks of 1M values, so that 11M values are enough for the CPU workers (fewer than _POOL_MIN tasks run
+    inline; with the default 4M-value tasks it takes 32M values)."""
+    monkeypatch.setattr(N, "_TASK", 1 << 20)
+
+
 def _big_inputs(dtype):
-    # 11M values: enough tasks for the CPU workers (fewer than _POOL_MIN run inline)
     torch.manual_seed(3)
     shapes = [(4096, 1024), (2_500_001,), (2048, 2048), (70_000,), (700, 30)]
     return [(torch.randn(s, dtype=torch.float64) * 0.01 + 0.003).to(dtype) for s in shapes]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_workers_give_the_same_bits_as_inline_and_match_float64(dtype):
+def test_cpu_workers_give_the_same_bits_as_inline_and_match_float64(dtype, small_tasks):
     ts = _big_inputs(dtype)
     before = torch.get_num_threads()
     try:
@@ -273,7 +279,7 @@ def _norm_in_child(queue):
     queue.put(float(gg.get_total_norm(_FORK_INPUTS)))
 
 
-def test_cpu_workers_survive_fork():
+def test_cpu_workers_survive_fork(small_tasks):
     # The parent has started its workers; a forked child has none of their threads and must start its own (without
     # the at-fork reset it would wait forever for the parent's).
     _FORK_INPUTS[:] = _big_inputs(torch.float32)
@@ -295,7 +301,7 @@ def test_cpu_workers_survive_fork():
         _FORK_INPUTS.clear()
 
 
-def test_big_inputs_are_enough_for_the_workers():
+def test_big_inputs_are_enough_for_the_workers(small_tasks):
     tasks = N.cpu_tasks(
         r for t in _big_inputs(torch.float32) for r in torch.split(N._row_view(t)[0], N._TASK // N._ROW)
     )

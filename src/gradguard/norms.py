@@ -56,11 +56,12 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
+import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any, TypeVar
@@ -104,11 +105,60 @@ _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
 # multi-threaded pass 3x-9x slower than torch's single-threaded norm). Tasks are handed out dynamically, so a
 # descheduled worker just does fewer of them. The results do not depend on who computes what: each row is reduced by
 # one thread, and they are combined in a fixed order, so the same gradients give the same bits. Without an OpenMP
-# runtime to set per thread (another ATen backend), with one thread, or for less than ~8M values (where handing
+# runtime to set per thread (another ATen backend), with one thread, or for less than 32M values (where handing
 # tasks out costs more than it saves), kernels run inline with torch's own threading.
-_TASK = 1 << 20  # values per task (4 MiB of float32): ~0.3 ms of work against ~20 us to hand a task out
-_POOL_MIN = 8  # fewer tasks run inline, as before (handing tasks out costs 50-100 us, measured under load)
+_TASK = 1 << 22  # values per task (16 MiB of float32): ~1 ms of work against ~5 us to hand a task out
+_POOL_MIN = 8  # fewer tasks (under 32M values) run inline: waking the workers costs ~0.2 ms, and on ResNet-50
+# (25.6M values) idle the workers were measured slower than torch's own threading
 _T = TypeVar("_T")
+
+
+class _Pool:
+    """``n`` worker threads, all started at once (``concurrent.futures.ThreadPoolExecutor`` starts a second thread only
+    when none is idle, so short tasks all ran on one), taking jobs from one queue."""
+
+    def __init__(self, n: int, init: Callable[[], None]) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, args=(init,), name=f"gradguard-cpu-{i}", daemon=True) for i in range(n)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, init: Callable[[], None]) -> None:
+        init()
+        while (job := self.jobs.get()) is not None:
+            job()
+
+    def map(self, fn: Callable[[Any], _T], items: Sequence[Any]) -> list[_T]:
+        results: list[Any] = [None] * len(items)
+        errors: list[BaseException] = []
+        left = [len(items)]
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def job(i: int, item: Any) -> None:
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    results[i] = fn(item)
+            except BaseException as e:  # re-raised in the caller
+                errors.append(e)
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+        for i, item in enumerate(items):
+            self.jobs.put(functools.partial(job, i, item))
+        done.wait()
+        if errors:
+            raise errors[0]
+        return results
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
 
 
 class _Workers:
@@ -116,13 +166,13 @@ class _Workers:
     in a forked child, whose copy has no threads)."""
 
     def __init__(self) -> None:
-        self.pool: ThreadPoolExecutor | None = None
+        self.pool: _Pool | None = None
         self.size = 0
         self.lock = threading.Lock()
         self.omp_set_num_threads: Any = None
         self.probed = False
 
-    def get(self) -> ThreadPoolExecutor | None:
+    def get(self) -> _Pool | None:
         n = torch.get_num_threads()
         if n < 2:
             return None
@@ -134,8 +184,8 @@ class _Workers:
                 return None
             if self.pool is None or self.size != n:
                 if self.pool is not None:
-                    self.pool.shutdown(wait=False)
-                self.pool = ThreadPoolExecutor(n, "gradguard-cpu", initializer=self.single_threaded)
+                    self.pool.shutdown()
+                self.pool = _Pool(n, self.single_threaded)
                 self.size = n
             return self.pool
 
@@ -164,18 +214,13 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WORKERS.forget)
 
 
-def _no_grad_call(fn: Callable[[Any], _T], item: Any) -> _T:
-    with torch.no_grad():  # grad mode is per thread
-        return fn(item)
-
-
 def cpu_map(fn: Callable[[Any], _T], tasks: Sequence[Any]) -> list[_T]:
     """``[fn(t) for t in tasks]``, in order, on the single-threaded CPU workers (inline, with torch's own threading,
     for fewer than _POOL_MIN tasks or one thread)."""
     pool = _WORKERS.get() if len(tasks) >= _POOL_MIN else None
     if pool is None:
         return [fn(t) for t in tasks]
-    return list(pool.map(_no_grad_call, [fn] * len(tasks), tasks))
+    return pool.map(fn, tasks)
 
 
 def cpu_tasks(pieces: Iterable[Tensor]) -> list[list[Tensor]]:
