@@ -19,8 +19,13 @@ How it is computed:
   parallel over rows; one fixed kernel whatever the machine's load or thread count, so the same gradients give the
   same bits), the row norms combined in float64. float32: within 1e-6 of float64 (each row a short sum, even on
   constant data). bfloat16 (total only): each row's norm is rounded to bf16 by torch's kernel, which reads bf16
-  without a copy; the errors are independent, so the total is within about 1.6e-3 / sqrt(rows) (6e-6 on GPT-2
-  small), never more than 2^-8; torch's own bf16 norm is off by up to 5e-3;
+  without a copy (bf16 tensors of 8K-64K values: one rounded norm each, as torch); the errors are independent, so
+  the total is within about 1.6e-3 / sqrt(pieces) (2e-6 on GPT-2 small), never more than 2^-8; torch's own bf16
+  norm is off by up to 5e-3;
+* on CPU, passes over 32M values or more (the row norms here, the scaling write in :mod:`gradguard.scaling`) run
+  as 4M-value tasks on ``torch.get_num_threads()`` worker threads whose kernels are single-threaded, handed out
+  dynamically: a multi-threaded kernel per tensor waits for a descheduled thread whenever other processes keep a
+  core busy; the bits do not depend on it;
 * on CPU, other orders: views of at most 16K values in one ``torch._foreach_norm`` call (torch's kernel is
   inaccurate on longer vectors); the inf-norm by ``aminmax``; float16 tensors (and bf16 per-tensor norms) upcast
   chunk by chunk into a small cache-resident buffer, exactly;

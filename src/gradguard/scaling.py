@@ -10,8 +10,10 @@ as they were (torch multiplies them by NaN or 0, destroying the finite ones too)
 the caller, whose job it is to skip the step (see :class:`gradguard.Guard`).
 
 On CPU the coefficient is read on the host (free there) and the write pass is skipped when nothing needs
-scaling; on accelerators the multiplication always runs, with the coefficient as a device tensor, so no
-host-device synchronisation is introduced.
+scaling; bf16 gradients are multiplied by the largest bf16 factor not above it (a float32 factor makes every call
+mixed-dtype, measured 4-12% slower), and passes over 32M values run on the engine's single-threaded CPU workers
+(:mod:`gradguard.norms`). On accelerators the multiplication always runs, with the coefficient as a device tensor,
+so no host-device synchronisation is introduced.
 """
 
 from __future__ import annotations
