@@ -283,3 +283,62 @@ def test_nn_module_shared_parameters_count_once():
     lin.weight.grad = torch.full((3, 3), 2.0)
     assert float(gg.clip_grad_norm_(model, 1e6)) == pytest.approx(6.0)  # sqrt(9 * 4), not sqrt(18 * 4)
     assert float(gg.get_total_norm(torch.nn.Module())) == 0.0  # no parameters
+
+
+def _fp32_coefficient(max_norm, total):
+    """torch's coefficient in float32: min(max_norm / (total + 1e-6), 1)."""
+    return torch.clamp(max_norm / (total.float() + 1e-6), max=1.0)
+
+
+def test_bf16_gradients_are_scaled_by_the_largest_bf16_factor_not_above_the_coefficient():
+    params = make_params([(5000,), (70, 300), (3,)], torch.bfloat16, scale=3.0)
+    before = [p.grad.clone() for p in params]
+    total = gg.clip_grad_norm_(params, 0.3)
+    c = _fp32_coefficient(0.3, total).reshape(1)
+    below = c.view(torch.int32).bitwise_and(-65536).view(torch.float32)  # fp32 bits with the low 16 cleared
+    factor = below.to(torch.bfloat16)
+    assert float(factor) == float(below)  # exactly representable in bf16
+    assert float(factor) <= float(c) < float(factor) * (1 + 2**-7)  # the largest bf16 not above c
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b * factor[0])  # bit-identical to multiplying by that bf16 factor
+    after = math.sqrt(sum(float(p.grad.double().square().sum()) for p in params))
+    assert after <= 0.3 * (1 + 2**-8)  # never above max_norm, up to the rounding of the bf16 elements themselves
+
+
+def test_mixed_or_fp32_gradients_keep_the_fp32_factor_and_foreach_none_equals_the_loop():
+    params = make_params([(5000,), (70, 300)], torch.float32) + make_params([(400,)], torch.bfloat16)
+    twin = clone_params(params)
+    before = [p.grad.clone() for p in params]
+    total = gg.clip_grad_norm_(params, 0.3)  # foreach=None: one _foreach_mul_ for all CPU tensors
+    gg.clip_grad_norm_(twin, 0.3, foreach=False)  # a Python loop of mul_
+    c = _fp32_coefficient(0.3, total)
+    for p, q, b in zip(params, twin, before):
+        assert torch.equal(p.grad, b * c)  # the float32 factor, bf16 tensor included (mixed list)
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_write_pass_on_the_cpu_workers_equals_the_loop(dtype, monkeypatch):
+    # 11M values in tasks of 1M (the default, 4M, takes 32M values to use the workers): the write pass runs as
+    # ~1M-value pieces on the single-threaded CPU workers. Bit-identical to the
+    # per-tensor loop (foreach=False), including a non-contiguous gradient (scaled whole) and a gradient that itself
+    # requires grad (grad mode is per thread: the workers run under no_grad too).
+    monkeypatch.setattr(gg.norms, "_TASK", 1 << 20)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = make_params([(4096, 1024), (2_500_001,), (2048, 2048), (3000,)], dtype)
+        params[2].grad = params[2].grad.t()  # non-contiguous
+        params[3].grad.requires_grad_(True)
+        twin = clone_params(params)
+        twin[2].grad = twin[2].grad.t().contiguous().t()
+        before_grads = [p.grad.detach().clone() for p in params]
+        total = gg.clip_grad_norm_(params, 0.5)
+        gg.clip_grad_norm_(twin, 0.5, foreach=False)
+    finally:
+        torch.set_num_threads(before)
+    for p, q, b in zip(params, twin, before_grads):
+        assert torch.equal(p.grad, q.grad)
+        assert not torch.equal(p.grad, b)  # really scaled
+    assert float(gg.get_total_norm([p.grad for p in params])) == pytest.approx(0.5, rel=1e-2)
+    assert float(total) > 0.5

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import threading
 
 import pytest
 import torch
@@ -113,39 +115,194 @@ def test_tiny_gradients_do_not_underflow(n):
     assert float(gg.get_total_norm([torch.zeros(n), torch.zeros(3)])) == 0.0
 
 
+def _bf16_rows_rel(n):
+    """The bf16 total's documented accuracy on n values: each 1024-value row norm is rounded to bf16 (relative
+    error <= 2^-8, independent across rows), so the total is off by about 1.6e-3 / sqrt(rows); 1e-2 / sqrt(rows) is
+    six standard deviations."""
+    return 1e-2 / math.sqrt(n // 1024)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("offset", "rel"), [(0.0, 2e-6), (50.0, 5e-6)])
 def test_long_tensors_are_accurate_where_torchs_kernel_is_not(dtype, offset, rel):
-    # torch's CPU fp32 norm kernel loses precision on long vectors (1e-4 here); the engine reduces 16K-value views and
-    # combines them: within 2e-6 of float64 on zero-mean data (1e-7 for fp32), 5e-6 when every value shares a large offset
+    # torch's CPU fp32 norm kernel loses precision on long vectors (1e-4 here); the engine reduces rows of 1024 values
+    # and combines them in float64: within 1e-7 of float64 for fp32, also with a large common offset
+    torch.manual_seed(0)
     g = (torch.randn(1 << 22, dtype=torch.float64) * 3e3 + offset).to(dtype)
     ts = [g.view(1024, -1), torch.randn(300, dtype=torch.float64).to(dtype)]
     exact = _exact(ts, 2)
-    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=rel)
-    assert float(N.tensor_norms(ts)[0]) == pytest.approx(_exact(ts[:1], 2), rel=rel)
-    if dtype == torch.float32:
-        torch_err = abs(float(torch.linalg.vector_norm(g)) - _exact([g], 2)) / _exact([g], 2)
-        assert torch_err > 10 * rel  # the point of the test: the plain kernel would fail it
+    total_rel = rel if dtype == torch.float32 else _bf16_rows_rel(g.numel())  # bf16 total: rows rounded to bf16
+    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=total_rel)
+    assert float(N.tensor_norms(ts)[0]) == pytest.approx(_exact(ts[:1], 2), rel=rel)  # per tensor: exact upcast
+    torch_err = abs(float(torch.linalg.vector_norm(g)) - _exact([g], 2)) / _exact([g], 2)
+    assert torch_err > 10 * (rel if dtype == torch.float32 else abs(float(gg.get_total_norm(ts)) / exact - 1))
 
 
-@pytest.fixture(params=[True, False], ids=["dot-kernels", "foreach-kernels"])
-def load_path(request):
-    """Run a test through both CPU kernel sets (BLAS dots, the default; views in one _foreach_norm)."""
-    before = N._KERNEL["dot"]
-    N._KERNEL["dot"] = request.param
-    yield request.param
-    N._KERNEL["dot"] = before
+def _row_kernel_inputs(dtype):
+    torch.manual_seed(1)
+    shapes = [(3000, 700), (50, 4000), (70_000,), (768,), (5,), (0,), (2_500_001,), (9000,), (128, 129)]
+    return [(torch.randn(s, dtype=torch.float64) * 10 + 3).to(dtype) for s in shapes]
 
 
+@pytest.mark.parametrize("on_device_path", [False, True], ids=["host-path", "device-path"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_both_cpu_kernel_sets_agree_with_float64(load_path, dtype):
-    shapes = [(3000, 700), (50, 4000), (70_000,), (768,), (5,), (0,), (2_500_000,)]
-    ts = [(torch.randn(s, dtype=torch.float64) * 10).to(dtype) for s in shapes]
+def test_row_kernel_agrees_with_float64(on_device_path, dtype):
+    # Both ways the CPU engine runs the row kernel (with host reads; inside device_path, as fused_clip_step does),
+    # on tensors with and without tails (numel not a multiple of 1024), small ones and an empty one.
+    ts = _row_kernel_inputs(dtype)
     exact = _exact(ts, 2)
-    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=2e-6)
-    per = N.tensor_norms(ts).tolist()
-    assert per == pytest.approx([_exact([t], 2) for t in ts], rel=2e-6)
-    for p in (1.0, math.inf, 3.0):
-        assert float(gg.get_total_norm(ts, p)) == pytest.approx(_exact(ts, p), rel=1e-5)
-    big = [torch.full((200_000,), 3e19, dtype=dtype)]  # and the overflow rescue on both
-    assert float(gg.get_total_norm(big)) == pytest.approx(float(big[0][0]) * math.sqrt(200_000), rel=1e-5)
+    rel = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: _bf16_rows_rel(sum(t.numel() for t in ts))}
+    if on_device_path:
+        with N.device_path():
+            total = gg.get_total_norm(ts)
+    else:
+        total = gg.get_total_norm(ts)
+    assert total.dtype == N.accumulation_dtype(dtype)
+    assert float(total) == pytest.approx(exact, rel=rel[dtype])
+    if not on_device_path:
+        per = N.tensor_norms(ts).tolist()
+        assert per == pytest.approx([_exact([t], 2) for t in ts], rel=2e-6 if dtype != torch.float64 else 1e-12)
+        for p in (1.0, math.inf, 3.0):
+            assert float(gg.get_total_norm(ts, p)) == pytest.approx(_exact(ts, p), rel=1e-5)
+        big = [torch.full((200_000,), 3e19, dtype=dtype)]  # every row's sum of squares overflows: the rescue
+        if dtype != torch.float64:
+            assert float(gg.get_total_norm(big)) == pytest.approx(float(big[0][0]) * math.sqrt(200_000), rel=1e-6)
+
+
+def test_fp32_rows_stay_accurate_on_constant_data():
+    # Constant data is the worst case of a sequential sum (every rounding error has the same sign): torch's kernel on
+    # 16K-value views is off by 9e-6 here, rows of 1024 by <= 4e-7 each, and the float64 combine adds nothing.
+    ts = [torch.full((2_500_000,), 0.1), torch.full((100_000,), -0.3), torch.full((1 << 20,), 7.0)]
+    exact = _exact(ts, 2)
+    assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=1e-6)
+    with N.device_path():
+        assert float(gg.get_total_norm(ts)) == pytest.approx(exact, rel=1e-6)
+    torch_views = float(torch.stack(torch._foreach_norm(list(ts[0].split(1 << 14)))).norm())
+    assert abs(torch_views / _exact(ts[:1], 2) - 1) > 2e-6  # the old 16K-view kernel would fail this test
+
+
+def test_bf16_total_error_is_within_its_documented_bound_and_below_torchs():
+    # One row holding almost all of the norm is the worst case for the bf16 rows (nothing averages): still within
+    # 2^-8 (the rounding of one bf16 value, the gradients' own resolution); many equal rows average the errors out.
+    g = torch.randn(1 << 20, dtype=torch.float64)
+    g[:1024] *= 1e3
+    worst = [g.to(torch.bfloat16)]
+    assert float(gg.get_total_norm(worst)) == pytest.approx(_exact(worst, 2), rel=2**-8)
+    torch.manual_seed(2)
+    many = [(torch.randn(1 << 24, dtype=torch.float64) * 0.01 + 0.003).to(torch.bfloat16)]
+    ours = abs(float(gg.get_total_norm(many)) / _exact(many, 2) - 1)
+    theirs = abs(float(torch.nn.utils.get_total_norm(many)) / _exact(many, 2) - 1)
+    assert ours <= _bf16_rows_rel(1 << 24)
+    assert ours < theirs / 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_gradients_same_bits_whatever_the_thread_count(dtype):
+    # Each row is reduced by one thread, whatever the partition, and the combine is a fixed sequence: the result does
+    # not depend on how many threads run (nor on the machine's load, which only changes who runs what).
+    ts = _row_kernel_inputs(dtype)
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results += [gg.get_total_norm(ts), gg.get_total_norm(ts)]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_device_path_combines_tensor_and_row_norms_without_overflow(dtype):
+    # No host read there, so no rescue; but norms below 1.8e19 whose squares sum past the float32 maximum (1.5e19 and
+    # 1.5e19: 4.5e38) still combine to a finite total, in float64, for small tensors and rows alike.
+    ts = [torch.full((1,), 1.5e19, dtype=dtype), torch.full((1,), 1.5e19, dtype=dtype)]
+    rows = [torch.full((70_000,), 1.5e19 / math.sqrt(1024), dtype=dtype)]  # each 1024-value row has norm ~1.5e19
+    for case in (ts, rows, ts + rows):
+        with N.device_path():
+            total = float(gg.get_total_norm(case))
+        assert total == pytest.approx(_exact(case, 2), rel=1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
+@pytest.fixture
+def small_tasks(monkeypatch):
+    """Tasks of 1M values, so that 11M values are enough for the CPU workers (fewer than _POOL_MIN tasks run
+    inline; with the default 4M-value tasks it takes 32M values)."""
+    monkeypatch.setattr(N, "_TASK", 1 << 20)
+
+
+def _big_inputs(dtype):
+    torch.manual_seed(3)
+    shapes = [(4096, 1024), (2_500_001,), (2048, 2048), (70_000,), (700, 30)]
+    return [(torch.randn(s, dtype=torch.float64) * 0.01 + 0.003).to(dtype) for s in shapes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_workers_give_the_same_bits_as_inline_and_match_float64(dtype, small_tasks):
+    ts = _big_inputs(dtype)
+    before = torch.get_num_threads()
+    try:
+        results = {}
+        for n in (1, 2, 3):  # 1: inline; 2 and 3: that many single-threaded workers
+            torch.set_num_threads(n)
+            results[n] = gg.get_total_norm(ts)
+            with N.device_path():
+                assert torch.equal(gg.get_total_norm(ts), results[n])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[1], results[2]) and torch.equal(results[1], results[3])
+    rel = 1e-6 if dtype == torch.float32 else _bf16_rows_rel(sum(t.numel() for t in ts))
+    assert float(results[1]) == pytest.approx(_exact(ts, 2), rel=rel)
+
+
+def test_cpu_workers_run_single_threaded_kernels_and_leave_the_caller_alone():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = N.cpu_map(lambda _: (torch.get_num_threads(), threading.current_thread().name), list(range(N._POOL_MIN)))
+        assert {n for n, _ in seen} == {1}  # each worker's own OpenMP setting
+        assert all(name.startswith("gradguard-cpu") for _, name in seen)
+        assert torch.get_num_threads() == 2  # the calling thread keeps its setting
+        few = N.cpu_map(lambda _: threading.current_thread().name, list(range(N._POOL_MIN - 1)))
+        assert set(few) == {threading.current_thread().name}  # little work: inline
+    finally:
+        torch.set_num_threads(before)
+
+
+_FORK_INPUTS: list[torch.Tensor] = []
+
+
+def _norm_in_child(queue):
+    # Only the workers run kernels here with more than one thread's worth of work: GNU OpenMP itself cannot start a
+    # multi-threaded region in a forked child once the parent has used one (a torch limitation, hence the inputs are
+    # made in the parent).
+    queue.put(float(gg.get_total_norm(_FORK_INPUTS)))
+
+
+def test_cpu_workers_survive_fork(small_tasks):
+    # The parent has started its workers; a forked child has none of their threads and must start its own (without
+    # the at-fork reset it would wait forever for the parent's).
+    _FORK_INPUTS[:] = _big_inputs(torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = float(gg.get_total_norm(_FORK_INPUTS))
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_norm_in_child, args=(queue,))
+        child.start()
+        child.join(timeout=60)
+        if child.exitcode is None:
+            child.kill()
+        assert child.exitcode == 0
+        assert queue.get(timeout=5) == expected
+    finally:
+        torch.set_num_threads(before)
+        _FORK_INPUTS.clear()
+
+
+def test_big_inputs_are_enough_for_the_workers(small_tasks):
+    tasks = N.cpu_tasks(
+        r for t in _big_inputs(torch.float32) for r in torch.split(N._row_view(t)[0], N._TASK // N._ROW)
+    )
+    assert len(tasks) >= N._POOL_MIN

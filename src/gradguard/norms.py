@@ -14,9 +14,21 @@ How it is computed:
 * accumulation is in float32 (float64 for float64 / complex128 gradients), so finite float16 / bfloat16 gradients
   never overflow to an infinite norm (torch keeps per-tensor norms in the gradient dtype: an fp16 gradient with
   norm 8e4 gives ``inf``);
-* on CPU: float32/float64 tensors by one ``torch._foreach_norm`` call over views of at most 16K values (torch's
-  kernel is inaccurate on longer vectors), or, when the machine is idle, by BLAS dots over 1M-value views; the
-  inf-norm by ``aminmax``; reduced-precision tensors upcast chunk by chunk into a small cache-resident buffer;
+* on CPU, the 2-norm (the hot path) of float32 / float64 / bfloat16 tensors of 8K values or more: each tensor read
+  once as rows of 1024 values by one ``torch.linalg.vector_norm(rows, dim=-1)`` call (torch's own reduction,
+  parallel over rows; one fixed kernel whatever the machine's load or thread count, so the same gradients give the
+  same bits), the row norms combined in float64. float32: within 1e-6 of float64 (each row a short sum, even on
+  constant data). bfloat16 (total only): each row's norm is rounded to bf16 by torch's kernel, which reads bf16
+  without a copy (bf16 tensors of 8K-64K values: one rounded norm each, as torch); the errors are independent, so
+  the total is within about 1.6e-3 / sqrt(pieces) (2e-6 on GPT-2 small), never more than 2^-8; torch's own bf16
+  norm is off by up to 5e-3;
+* on CPU, passes over 32M values or more (the row norms here, the scaling write in :mod:`gradguard.scaling`) run
+  as 4M-value tasks on ``torch.get_num_threads()`` worker threads whose kernels are single-threaded, handed out
+  dynamically: a multi-threaded kernel per tensor waits for a descheduled thread whenever other processes keep a
+  core busy; the bits do not depend on it;
+* on CPU, other orders: views of at most 16K values in one ``torch._foreach_norm`` call (torch's kernel is
+  inaccurate on longer vectors); the inf-norm by ``aminmax``; float16 tensors (and bf16 per-tensor norms) upcast
+  chunk by chunk into a small cache-resident buffer, exactly;
   when only the total is needed, small tensors concatenated so that thousands of them cost a few kernel calls;
 * every order torch accepts: ``p > 0``, ``inf``, and ``0``, ``p < 0``, ``-inf`` (per-tensor norms by torch's
   kernel, combined as torch combines them: for ``p = 0`` the total counts the tensors with a non-zero entry);
@@ -26,7 +38,8 @@ How it is computed:
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
   to the host;
 * empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
-* while ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
+* inside :func:`device_path` (``fused_clip_step``), CPU 2-norms take the row kernel too, with no host read; while
+  ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -47,11 +60,16 @@ Distributed training (see :mod:`gradguard.distributed` for the formulas):
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import os
-from collections.abc import Iterable, Iterator, Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -81,6 +99,149 @@ _SPLIT = 1 << 16  # ...those longer than this (shorter ones: one view each, erro
 _FEW = 64  # this many same-dtype tensors or fewer, all float32/float64 and small: one _foreach_norm, nothing else
 _CHUNK = 1 << 18  # elements per float32 upcast chunk for reduced-precision tensors on CPU (1 MiB buffer)
 _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
+
+
+# ------------------------------------------------------------------------------------------ CPU worker threads
+# Long CPU passes (the row norms here, the scaling write in gradguard.scaling) run as tasks of about _TASK values on
+# torch.get_num_threads() Python worker threads, each of whose torch kernels is single-threaded (its OpenMP thread
+# count is set to 1: that setting is per thread), instead of one multi-threaded kernel per tensor. Why: an OpenMP
+# kernel splits its work statically across the cores and waits for the slowest part, so when other processes keep a
+# core busy every call waits for a descheduled thread (measured on the 2-core machine under load: a per-tensor
+# multi-threaded pass 3x-9x slower than torch's single-threaded norm). Tasks are handed out dynamically, so a
+# descheduled worker just does fewer of them. The results do not depend on who computes what: each row is reduced by
+# one thread, and they are combined in a fixed order, so the same gradients give the same bits. Without an OpenMP
+# runtime to set per thread (another ATen backend), with one thread, or for less than 32M values (where handing
+# tasks out costs more than it saves), kernels run inline with torch's own threading.
+_TASK = 1 << 22  # values per task (16 MiB of float32): ~1 ms of work against ~5 us to hand a task out
+_POOL_MIN = 8  # fewer tasks (under 32M values) run inline: waking the workers costs ~0.2 ms, and on ResNet-50
+# (25.6M values) idle the workers were measured slower than torch's own threading
+_T = TypeVar("_T")
+
+
+class _Pool:
+    """``n`` worker threads, all started at once (``concurrent.futures.ThreadPoolExecutor`` starts a second thread only
+    when none is idle, so short tasks all ran on one), taking jobs from one queue."""
+
+    def __init__(self, n: int, init: Callable[[], None]) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.threads = [
+            threading.Thread(target=self._run, args=(init,), name=f"gradguard-cpu-{i}", daemon=True) for i in range(n)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, init: Callable[[], None]) -> None:
+        init()
+        while (job := self.jobs.get()) is not None:
+            job()
+
+    def map(self, fn: Callable[[Any], _T], items: Sequence[Any]) -> list[_T]:
+        results: list[Any] = [None] * len(items)
+        errors: list[BaseException] = []
+        left = [len(items)]
+        lock = threading.Lock()
+        done = threading.Event()
+
+        def job(i: int, item: Any) -> None:
+            try:
+                with torch.no_grad():  # grad mode is per thread
+                    results[i] = fn(item)
+            except BaseException as e:  # re-raised in the caller
+                errors.append(e)
+            finally:
+                with lock:
+                    left[0] -= 1
+                    if not left[0]:
+                        done.set()
+
+        for i, item in enumerate(items):
+            self.jobs.put(functools.partial(job, i, item))
+        done.wait()
+        if errors:
+            raise errors[0]
+        return results
+
+    def shutdown(self) -> None:
+        for _ in self.threads:
+            self.jobs.put(None)
+
+
+class _Workers:
+    """The lazily started pool of single-threaded torch workers (recreated when the thread count changes, dropped
+    in a forked child, whose copy has no threads)."""
+
+    def __init__(self) -> None:
+        self.pool: _Pool | None = None
+        self.size = 0
+        self.lock = threading.Lock()
+        self.omp_set_num_threads: Any = None
+        self.probed = False
+
+    def get(self) -> _Pool | None:
+        n = torch.get_num_threads()
+        if n < 2:
+            return None
+        with self.lock:
+            if not self.probed:
+                self.probed = True
+                self.omp_set_num_threads = _omp_set_num_threads()
+            if self.omp_set_num_threads is None:
+                return None
+            if self.pool is None or self.size != n:
+                if self.pool is not None:
+                    self.pool.shutdown()
+                self.pool = _Pool(n, self.single_threaded)
+                self.size = n
+            return self.pool
+
+    def single_threaded(self) -> None:
+        """A worker's initializer: torch's per-thread lazy init first (it would set the process's thread count on the
+        thread's first parallel call), then this thread's OpenMP thread count to 1."""
+        torch.get_num_threads()
+        self.omp_set_num_threads(1)
+
+    def forget(self) -> None:
+        self.pool, self.size, self.lock = None, 0, threading.Lock()
+
+
+def _omp_set_num_threads() -> Any:
+    """libgomp's ``omp_set_num_threads`` when ATen runs on OpenMP and it is loaded, else None."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None
+    try:
+        return ctypes.CDLL(None).omp_set_num_threads
+    except (OSError, AttributeError):  # pragma: no cover - platforms without a global symbol table
+        return None
+
+
+_WORKERS = _Workers()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WORKERS.forget)
+
+
+def cpu_map(fn: Callable[[Any], _T], tasks: Sequence[Any]) -> list[_T]:
+    """``[fn(t) for t in tasks]``, in order, on the single-threaded CPU workers (inline, with torch's own threading,
+    for fewer than _POOL_MIN tasks or one thread)."""
+    pool = _WORKERS.get() if len(tasks) >= _POOL_MIN else None
+    if pool is None:
+        return [fn(t) for t in tasks]
+    return pool.map(fn, tasks)
+
+
+def cpu_tasks(pieces: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Pieces (tensors or views) batched into tasks of about _TASK values, in order; a piece is never split."""
+    tasks: list[list[Tensor]] = []
+    cur: list[Tensor] = []
+    size = 0
+    for piece in pieces:
+        cur.append(piece)
+        size += piece.numel()
+        if size >= _TASK:
+            tasks.append(cur)
+            cur, size = [], 0
+    if cur:
+        tasks.append(cur)
+    return tasks
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -186,26 +347,79 @@ def _empty_norm(p: float, dtype: torch.dtype, device: torch.device | None = None
 # (measured at 16K: 1e-7 on zero-mean data, 1.5e-6 with a large common offset). Partials of disjoint pieces
 # combine into the partial of their union (_merge).
 #
-# Except for p = 2: there one BLAS dot per view of up to _DOT values runs on every core (GPT-2 small fp32: 30 ms
-# against 55 ms for one _foreach_norm and 83 ms for 16K views, idle 2-core machine). The kernel is fixed for the
-# process, never chosen from the machine's load, so the same gradients always give the same bits (a load-dependent
-# switch made results differ by ~1e-7 from one step to the next). Where other processes keep the cores busy (MKL's
-# dot calls then wait for descheduled threads), GRADGUARD_CPU_NORM_KERNEL=foreach selects the views in one
-# _foreach_norm call instead.
-_DOT = 1 << 20
-_KERNEL = {"dot": os.environ.get("GRADGUARD_CPU_NORM_KERNEL", "dot") != "foreach"}  # tests flip it
+# Except for p = 2, the hot path: there every float32 / float64 / bfloat16 tensor of _DIRECT values or more is read
+# once, as rows of _ROW values, by one ``torch.linalg.vector_norm(rows, dim=-1)`` call per tensor (torch's own
+# last-dimension reduction, parallel over rows, vectorised, accumulating in float32 / float64; the bf16 kernel reads
+# bf16 directly, without the upcast copy that every fp32-output variant makes). The row norms of all tensors (and
+# the norms of their < _ROW-value tails) are combined in float64. Why rows:
+#
+# * accuracy: each row is a short sum (fp32: row error <= 4e-7 even on constant data, where 16K-value views are off
+#   by 9e-6), and the row errors are independent, so the total is within ~1e-8 of float64 on 10^5 rows;
+# * one kernel for every machine state: torch's reduction of a whole 1-D tensor is single-threaded (it parallelises
+#   over outputs, and there is one), and BLAS dots (MKL) stall on a descheduled thread when other processes keep the
+#   cores busy; rows split across threads by torch's own parallel_for, a fixed partition, so the same gradients give
+#   the same bits whatever the load and the thread count;
+# * bfloat16: torch's bf16 row kernel rounds each row's norm to bf16 (relative error <= 2^-8, measured mean 1.4e-3);
+#   bf16 tensors of 8K-64K values are reduced whole (one rounded norm each, as torch does for every tensor). These
+#   errors are independent, so the total's relative error is about 1.6e-3 / sqrt(pieces): ~6e-6 on GPT-2 small (121K
+#   rows), ~2e-4 on one 64K-value tensor, never more than 2^-8, the gradients' own resolution. torch's own bf16 norm
+#   rounds each tensor's norm and accumulates a whole tensor in one chain (5e-3 on 38M values). The exact
+#   alternative, upcasting chunk by chunk, makes two calls per 256K values and a copy: it was 1.1x-2x torch. Per-tensor
+#   norms (tensor_norms) keep it, and so does fp16 (fp16 row norms are slower than torch and overflow at 65504).
+_ROW = 1 << 10
+_ROW_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 
-def _use_dot() -> bool:
-    """Whether p = 2 CPU norms use BLAS dots (the default) rather than views in one ``_foreach_norm`` call."""
-    return _KERNEL["dot"]
+_ROW_EXACT = (_ROW, _ROW // 2, _ROW // 4, _ROW // 8)  # a tensor under _ROW_TAIL values takes the first that divides it
+_ROW_TAIL = 1 << 20  # ...larger ones rows of _ROW and a tail: one more op, but the long rows are cheaper per value
 
 
-def _dot_norm(v: Tensor) -> Tensor:
-    """The 2-norm of a 1-D contiguous vector by BLAS dots over views of at most _DOT values."""
-    if v.numel() <= _DOT:
-        return torch.dot(v, v).sqrt()
-    return torch.stack([torch.dot(c, c) for c in torch.split(v, _DOT)]).sum().sqrt()
+def _row_view(t: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``t`` as ``(rows, tail)``: a 2-D view of rows of at most _ROW values, and the values left over (or None).
+
+    Rows are as long as possible (the kernel pays per row) and, below _ROW_TAIL values, of a length that divides the
+    tensor, so that most tensors are one view and one kernel call (per call, Python costs more than a short read).
+    """
+    n = t.numel()
+    if n < _ROW_TAIL:
+        for c in _ROW_EXACT:
+            if n % c == 0:
+                return t.view(-1, c) if t.is_contiguous() else t.reshape(-1, c), None
+    v = t.reshape(-1)
+    r = n // _ROW
+    return v[: r * _ROW].view(r, _ROW), (v[r * _ROW :] if n > r * _ROW else None)
+
+
+def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
+    """The 2-norm of same-dtype tensors (each of at least _DIRECT values), combined in float64; in ``acc``.
+
+    Every tensor is read as rows (views of at most _TASK values, on the CPU workers), except bf16 tensors of at most
+    _SPLIT values: those, and the tails, are one ``_foreach_norm`` call (each a single short reduction; one Python
+    call for all, no copy: for 64 bf16 tensors of 16K-64K values rows cost 40% more than torch's one reduction per
+    tensor). No host read: also the CPU kernel of :func:`device_path`.
+    """
+    pieces: list[Tensor] = []
+    whole: list[Tensor] = []  # bf16 tensors of at most _SPLIT values, and tails
+    bf16 = tensors[0].dtype == torch.bfloat16
+    step = _TASK // _ROW
+    for t in tensors:
+        if bf16 and t.numel() <= _SPLIT:
+            whole.append(t)
+            continue
+        rows, tail = _row_view(t)
+        pieces.extend(torch.split(rows, step) if rows.shape[0] > step else (rows,))
+        if tail is not None:
+            whole.append(tail)
+    norms = [n for batch in cpu_map(_row_norms, cpu_tasks(pieces)) for n in batch]
+    if whole:
+        norms.append(torch.stack(torch._foreach_norm(whole, 2.0)))
+    flat = (norms[0] if len(norms) == 1 else torch.cat(norms)).to(torch.float64)
+    return torch.linalg.vector_norm(flat).to(acc)
+
+
+def _row_norms(pieces: list[Tensor]) -> list[Tensor]:
+    """The row norms of each 2-D piece: one worker task."""
+    return [torch.linalg.vector_norm(rows, dim=-1) for rows in pieces]
 
 
 def _partial(v: Tensor, p: float) -> Tensor:
@@ -215,10 +429,14 @@ def _partial(v: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         lo, hi = torch.aminmax(v)
         return torch.maximum(lo.abs(), hi.abs())  # NaN propagates through aminmax and maximum
-    if p == 2.0 and v.numel() > _SPLIT and _use_dot():
-        return _dot_norm(v)
     if v.numel() <= _SPLIT:
         return torch.linalg.vector_norm(v, p)
+    if p == 2.0:  # row norms (see above); at most _CHUNK values here, so a float32 combine of <= 2048 rows
+        rows, tail = _row_view(v)
+        norms = torch.linalg.vector_norm(rows, dim=-1)
+        if tail is not None:
+            norms = torch.cat([norms, torch.linalg.vector_norm(tail).view(1)])
+        return torch.linalg.vector_norm(norms)
     return _norms_partial(torch.stack(torch._foreach_norm(torch.split(v, _SEG), p)), p)
 
 
@@ -276,11 +494,11 @@ def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
 def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
     """Total norm of a same-dtype CPU group.
 
-    float32/float64 tensors of ``_DIRECT`` elements or more are reduced by one ``torch._foreach_norm`` call (torch's
-    own kernel: one call from Python, no copy; measured on the busy 2-core machine 6x faster than one BLAS dot per
-    tensor, whose every call waits for the descheduled second thread). Large reduced-precision tensors are upcast
-    chunk by chunk; small tensors are concatenated (grouped by trailing shape, so no per-tensor reshape is needed)
-    into the scratch buffer, upcast on the way, and reduced a batch at a time (thousands of them in a few calls).
+    float32/float64 tensors of ``_DIRECT`` elements or more, and bf16 ones for ``p = 2``, are reduced together: by
+    row norms for ``p = 2`` (:func:`_rows_total`), else by views in one ``torch._foreach_norm`` call. Other large
+    reduced-precision tensors are upcast chunk by chunk; small tensors are concatenated (grouped by trailing shape,
+    so no per-tensor reshape is needed) into the scratch buffer, upcast on the way, and reduced a batch at a time
+    (thousands of them in a few calls).
     """
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
@@ -291,8 +509,8 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     for rest, items in by_rest.items():
         parts.extend(_concatenated_partials(rest, items, p, acc, scratch))
-    if direct and p == 2.0 and _use_dot():
-        parts.extend(_dot_norm(t.reshape(-1)) for t in direct)
+    if direct and p == 2.0:
+        parts.append(_rows_total(direct, acc))
     elif direct:
         views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
@@ -305,13 +523,14 @@ def _partition(
     tensors: list[Tensor], p: float, native: bool, scratch: _UpcastBuffer
 ) -> tuple[list[Tensor], dict[object, list[tuple[Tensor, int]]], list[Tensor]]:
     """Split a CPU group into the partials of large reduced-precision tensors (computed here), the small tensors by
-    trailing shape (to be concatenated), and the large native ones (reduced together)."""
+    trailing shape (to be concatenated), and the large native ones, and bf16 ones for p = 2 (reduced together)."""
     parts: list[Tensor] = []
     by_rest: dict[object, list[tuple[Tensor, int]]] = {}
     direct: list[Tensor] = []
+    rows = native or (p == 2.0 and tensors[0].dtype == torch.bfloat16)  # bf16 2-norms: row norms too
     for t in tensors:
         n = t.numel()
-        if native and n >= _DIRECT:
+        if rows and n >= _DIRECT:
             direct.append(t)
         elif n >= _SMALL:
             parts.append(_cpu_tensor_partial(t, p, scratch))
@@ -424,6 +643,8 @@ _TINY = {torch.float32: 1e-20, torch.float64: 1e-280}  # p-th powers summing bel
 def _suspect(value: float, p: float, acc: torch.dtype) -> bool:
     """Whether a norm computed from p-th powers may have overflowed or underflowed."""
     return not math.isfinite(value) or (p > 1 and value < _TINY[acc] ** (1.0 / p))
+
+
 def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
     """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
     acc = accumulation_dtype(t.dtype)
@@ -581,10 +802,33 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
         group = [ts[i] for i in idx]
         if device.type == "cpu" and host_reads_allowed() and not _exotic(p):
             parts.append(_cpu_group_total(group, p, scratch))
+        elif device.type == "cpu" and _rows_on_device_path(group, p):
+            parts.append(_cpu_device_path_total(group))
         else:
             fe = None if device.type == "cpu" else foreach
             parts.append(combine_norms(torch.stack(_device_group_norms(group, p, fe)), p))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
+
+
+def _rows_on_device_path(group: list[Tensor], p: float) -> bool:
+    """Whether a CPU group on the no-host-read path (:func:`device_path`, e.g. ``fused_clip_step``) takes the row
+    kernel: 2-norms of float32/float64/bf16 gradients, not while torch.compile traces (its own kernels do there)."""
+    return p == 2.0 and group[0].dtype in _ROW_DTYPES and not torch.compiler.is_compiling()
+
+
+def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
+    """The 2-norm of a same-dtype CPU group with no host read: large tensors by row norms, the others by one
+    ``_foreach_norm`` call, combined in float64 (as :func:`_cpu_group_total`, without its host-side rescue)."""
+    acc = accumulation_dtype(group[0].dtype)
+    large = [t for t in group if t.numel() >= _DIRECT]
+    small = [t for t in group if 0 < t.numel() < _DIRECT]
+    parts = [_rows_total(large, acc)] if large else []
+    if small:  # combined in float64: squares of norms above 1.8e19 would overflow float32
+        small_norms = torch.stack(torch._foreach_norm(small, 2.0, dtype=acc)).to(torch.float64)
+        parts.append(torch.linalg.vector_norm(small_norms).to(acc))
+    if not parts:
+        return torch.zeros((), dtype=acc)
+    return parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
 
 
 def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
