@@ -40,5 +40,5 @@ def test_every_guard_mode_has_its_memory_documented():
         cost = row.strip("|").split("|")[1]
         assert re.search(r"\d|none|only", cost), row  # a figure, not a blank
     doc = gg.Guard.__init__.__doc__ or gg.Guard.__doc__ or ""
-    for mode, cost in (('"preflight"', "3% of the parameter bytes"), ('"backup"', "3x the parameter bytes")):
+    for mode, cost in (('"preflight"', "1% of the parameter bytes"), ('"backup"', "3x the parameter bytes")):
         assert mode in doc and cost in doc, (mode, cost)

@@ -15,7 +15,7 @@ rate that is too high turns finite gradients into non-finite weights), in one of
 
 * ``"preflight"`` (the default for torch's optimizers): before the step, the optimizer's own update is dry-run on
   copies of a few percent of the parameters at a time (:mod:`gradguard.preflight`); its finite flag joins the
-  decision. Extra memory: one chunk of copies, at most 3% of the parameter bytes (1 MiB for models under 33 MiB);
+  decision. Extra memory: one chunk of copies, at most 1% of the parameter bytes (1 MiB for models under 100 MiB);
   the Guard's total stays under 5%.
   Extra time: about one more optimizer update over copies.
 * ``"backup"`` (the default for an optimizer whose ``step`` gradguard does not know): a transactional copy of the
@@ -314,7 +314,7 @@ class Guard(PolicyCounters):
         locate: replay bad steps under the op-level locator when a closure is available.
         snapshot_device: where snapshots live (``"cpu"``).
         param_check: how ``check_params_every`` checks a step: ``"preflight"`` (dry-run the update on copies,
-            chunk by chunk, before stepping: extra memory at most 3% of the parameter bytes, or 1 MiB; torch.optim
+            chunk by chunk, before stepping: extra memory at most 1% of the parameter bytes, or 1 MiB; torch.optim
             optimizers only), ``"backup"`` (copy parameters and optimizer state, step, restore if the weights went
             non-finite: extra memory = parameter + optimizer-state bytes, e.g. 3x the parameter bytes for AdamW), or
             ``"auto"`` (preflight where the optimizer allows it, else backup). See :mod:`gradguard.preflight`.

@@ -5,13 +5,13 @@ A learning rate that is too high (or an optimizer state gone bad) can turn finit
 Checking the weights *after* the step needs an undo: a copy of the parameters and the optimizer state taken before
 it (for AdamW, 3x the parameter bytes; a 7B model's 84 GB). The preflight needs none. For each *chunk* of at most
 
-.. math:: B = \max(0.03 \cdot \text{parameter bytes},\; 1\,\text{MiB})
+.. math:: B = \max(0.01 \cdot \text{parameter bytes},\; 1\,\text{MiB})
 
 bytes (parameter + gradient + optimizer-state copies, and the update's own temporaries), it copies the chunk's
 parameters, gradients and state into a *scratch optimizer* — the same class with the same parameter-group settings,
 no hooks, owning only the copies — calls its ``step()``, and folds ``isfinite`` of the stepped copies into one device
 flag. The copies live in a workspace the size of the largest chunk, allocated once and reused by every chunk and every
-step, so the extra memory is one chunk: at most 3% of the parameter bytes for any model above 33 MiB of parameters
+step, so the extra memory is one chunk: at most 1% of the parameter bytes for any model above 100 MiB of parameters
 (the Guard's whole extra memory then stays under 5%: BENCHMARKS.md).
 Nothing of the real parameters, gradients, optimizer state, hooks or LR scheduler is touched, and there
 is no host read (the flag stays on the device until the Guard reads its decision).
@@ -47,14 +47,15 @@ from gradguard.distributed import dtensor_type, is_dtensor, local_tensor
 
 __all__ = ["Preflight", "preflight_kind"]
 
-FRACTION = 0.03  # of the parameter bytes: the most a chunk of copies may hold (the Guard's total stays < 5%)
+FRACTION = 0.01  # of the parameter bytes: the most a chunk of copies may hold (the Guard's total stays < 5%)
 MIN_BUDGET = 1 << 20  # bytes: below this a chunk costs more in Python than it saves in memory
 
 _ELEMENTWISE_NAMES = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Rprop", "ASGD",
                       "Adadelta")
 _PER_TENSOR_NAMES = ("Adafactor", "Muon")  # torch.optim classes whose update mixes the elements of a tensor
 _STATE_GUESS = 3  # state tensors per parameter assumed before the optimizer has created any (Adam with amsgrad)
-_TEMPORARIES = 2  # parameter-sized intermediates an update allocates while it runs (foreach Adam: sqrt(v), m / ...)
+_TEMPORARIES = 5  # parameter-sized intermediates an update allocates while it runs (measured for AdamW: sqrt(v),
+# its quotient, the weight-decay and bias-correction temporaries, the finite check), in parameter-element sizes
 
 
 def _known(names: Sequence[str]) -> list[Any]:
