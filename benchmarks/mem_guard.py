@@ -51,7 +51,7 @@ print(hwm * 1024, param_bytes)
 MODES = {
     "plain": "clip_grad_norm_ + AdamW.step (the baseline)",
     "guard": "gg.Guard defaults (check_params_every=1, param_check='auto' -> 'preflight': the update dry-run on copies "
-             "of at most 5% of the parameter bytes at a time)",
+             "of at most 1% of the parameter bytes at a time)",
     "guard-backup": "gg.Guard(param_check='backup') (a transactional copy of parameters and AdamW state)",
     "guard-nocheck": "gg.Guard(check_params_every=None) (no weight check after the step; buffers still backed up)",
     "guard-rollback": "gg.Guard(on_nonfinite='rollback', snapshot_every=2) (a CPU snapshot of parameters + AdamW "
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|")
     for mode, text in MODES.items():
         extra = (statistics.median(peaks[mode]) - base) / param_bytes
-        print(f"| {text} | {extra:+.2f}x |")
+        print(f"| {text} | {extra:+.3f}x |")
     return 0
 
 
