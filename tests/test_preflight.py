@@ -278,3 +278,15 @@ def test_dtensor_shards_are_dry_run_locally(tmp_path):
         assert bool(pf(opt, ps))
     finally:
         dist.destroy_process_group()
+
+
+def test_huge_but_finite_weights_are_not_mistaken_for_a_blow_up():
+    """A weight of 1e30 is finite: its square overflows float32, but the check is on the values, not a 2-norm."""
+    w = nn.Parameter(torch.full((100_000,), 1e30))
+    w.grad = torch.ones_like(w)
+    opt = torch.optim.SGD([w], lr=0.1)
+    assert bool(Preflight()(opt, [w]))
+    from gradguard.norms import device_path
+
+    with device_path():
+        assert bool(Preflight()(opt, [w]))

@@ -34,6 +34,7 @@ about 2x the optimizer step's memory traffic. It runs only on the steps that che
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -120,8 +121,9 @@ class Preflight:
     def __call__(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:
         """A 0-d bool device tensor: whether ``optimizer.step()`` would leave every parameter in ``params`` (those
         with a gradient are stepped) finite. No host read; nothing real changes."""
-        flags = [torch.isfinite(norms.total_norm(stepped, 2.0, check=False)) for stepped, _ in self.dry_run(optimizer,
-                                                                                                         params)]
+        # the max-norm: finite exactly when every value is (a 2-norm of finite values above 1.8e19 could overflow)
+        flags = [torch.isfinite(norms.total_norm(stepped, math.inf, check=False))
+                 for stepped, _ in self.dry_run(optimizer, params)]
         device = params[0].device if params else torch.device("cpu")
         if not flags:
             return torch.ones((), dtype=torch.bool, device=device)
