@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from gradguard import norms
 from gradguard._checks import check_monitor
-from gradguard._compat import already_unscaled, step_runs_only_its_update, unscale_once
+from gradguard._compat import already_unscaled, step_runs_only_its_update, uncompiled, unscale_once
 from gradguard.backup import BufferBackup, RngState, Snapshot, StepBackup
 from gradguard.clippers.base import Chain, Clipper, ClipStats, resolve_parameters
 from gradguard.clippers.state import DeviceState, StateSpec, check_int, check_number
@@ -802,7 +802,7 @@ class Guard(PolicyCounters):
         blown: tuple[str, ...] = ()
         if check == "preflight" and reason is Reason.NONFINITE_PARAMS:
             would_blow = {id(p) for p in self._preflight.nonfinite(self.optimizer, self._params())}
-            blown = tuple(n for n, p in self.model.named_parameters() if id(p) in would_blow)
+            blown = tuple(n for n, p in uncompiled(self.model).named_parameters() if id(p) in would_blow)
         elif check == "backup":
             blown = self._nonfinite_names(grads=False) if reason is Reason.NONFINITE_PARAMS else ()
             self._backup.restore(self.optimizer)
@@ -858,7 +858,7 @@ class Guard(PolicyCounters):
                 rng.restore()  # the replay draws the same random numbers (dropout masks) as the step
             scale = self.scaler.get_scale() if self.scaler is not None and self.scaler.is_enabled() else None
             try:
-                located = locate_nonfinite(closure, self.model, backward=not own_backward, loss_scale=scale,
+                located = locate_nonfinite(closure, uncompiled(self.model), backward=not own_backward, loss_scale=scale,
                                            step=step)
             finally:
                 after.restore()  # and the stream continues as if there had been no replay
@@ -872,7 +872,8 @@ class Guard(PolicyCounters):
 
     def _nonfinite_names(self, *, grads: bool) -> tuple[str, ...]:
         """Parameters with a non-finite gradient (or value): the failure path, where a host read is fine."""
-        return nonfinite_names([(n, p.grad if grads else p.detach()) for n, p in self.model.named_parameters()])
+        named = uncompiled(self.model).named_parameters()  # the user's names, also around a torch.compile wrapper
+        return nonfinite_names([(n, p.grad if grads else p.detach()) for n, p in named])
 
 
 def _check_parts(model: Any, optimizer: Any, clipper: Any, scaler: Any, scheduler: Any, ema: Any) -> None:
