@@ -193,16 +193,6 @@ class StepReport:
         object.__setattr__(self, "_skipped", any(bad))
         object.__setattr__(self, "_reason", next((r.value for r, b in zip(_REASONS, bad) if b), None))
 
-    @staticmethod
-    def read_all(reports: list[StepReport]) -> None:
-        """Read the deferred decisions of ``reports`` in one host read (none when all are known)."""
-        pending = [r for r in reports if r._skipped is None and r._flags is not None]
-        if pending:
-            rows: list[list[bool]] = torch.stack([r._flags.to(pending[0]._flags.device) for r in pending  # type: ignore[union-attr]
-                                                  ]).tolist()
-            for r, row in zip(pending, rows):
-                r._decided(row)
-
     @property
     def norm(self) -> Tensor:
         """Total gradient norm before clipping (device tensor)."""
@@ -768,10 +758,9 @@ class Guard(PolicyCounters):
         records, self._unrecorded = self._unrecorded, []
         error = self.policy.settle(stacklevel=2)  # one host read for every pending step (none if a counter read did)
         rows, self.policy.settled_rows = self.policy.settled_rows or {}, {}
-        for report in records:
+        for report in records:  # the policy read every pending step, a counter read included: no second read
             if report.step in rows:
                 report._decided(rows[report.step])
-        StepReport.read_all(records)  # only those the policy had not read (none, normally)
         for report in records:
             diagnosis = None
             if report.skipped:
