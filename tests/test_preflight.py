@@ -290,3 +290,11 @@ def test_huge_but_finite_weights_are_not_mistaken_for_a_blow_up():
 
     with device_path():
         assert bool(Preflight()(opt, [w]))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"fraction": 0}, "fraction"), ({"fraction": 1.5}, "fraction"),
+                                               ({"fraction": True}, "fraction"), ({"min_bytes": 0}, "min_bytes"),
+                                               ({"min_bytes": 2.5}, "min_bytes")])
+def test_bad_budgets_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Preflight(**kwargs)
