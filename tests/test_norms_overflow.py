@@ -306,3 +306,30 @@ def test_big_inputs_are_enough_for_the_workers(small_tasks):
         r for t in _big_inputs(torch.float32) for r in torch.split(N._row_view(t)[0], N._TASK // N._ROW)
     )
     assert len(tasks) >= N._POOL_MIN
+
+
+def test_small_tensors_are_reduced_single_threaded_and_the_caller_keeps_its_threads(monkeypatch):
+    # The concatenation path (many short kernels on a cache-resident buffer) runs on one OpenMP thread: same bits as
+    # with the caller's threads, and the caller's setting is back afterwards, also after an error inside.
+    torch.manual_seed(5)
+    ts = [torch.randn(int(n)) for n in torch.randint(16, 2048, (600,))]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen = []
+        real_partial = N._partial
+        monkeypatch.setattr(N, "_partial", lambda v, p: (seen.append(torch.get_num_threads()), real_partial(v, p))[1])
+        total = gg.get_total_norm(ts)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(N, "_partial", real_partial)
+        with N.single_threaded():
+            again = gg.get_total_norm(ts)
+        assert torch.equal(total, again)
+        assert float(total) == pytest.approx(_exact(ts, 2), rel=1e-6)
+        with pytest.raises(ZeroDivisionError), N.single_threaded():
+            assert torch.get_num_threads() == 1
+            _ = 1 / 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

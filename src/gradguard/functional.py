@@ -34,6 +34,7 @@ from gradguard._checks import (
     check_norm_type,
     tensor_list,
 )
+from gradguard._nograd import no_grad
 from gradguard.norms import group_by_device_and_dtype, use_foreach
 from gradguard.scaling import clip_to_norm_
 
@@ -80,7 +81,7 @@ def _raise_nonfinite(total: Tensor, norm_type: float) -> None:
         )
 
 
-@torch.no_grad()
+@no_grad
 def get_total_norm(
     tensors: TensorOrTensors,
     norm_type: float | str = 2.0,
@@ -114,7 +115,7 @@ def get_total_norm(
     return total
 
 
-@torch.no_grad()
+@no_grad
 def clip_grads_with_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -141,7 +142,7 @@ def clip_grads_with_norm_(
     clip_to_norm_(grads, m, total_norm, foreach)
 
 
-@torch.no_grad()
+@no_grad
 def clip_grad_norm_(
     parameters: TensorOrTensors,
     max_norm: float,
@@ -186,7 +187,7 @@ def clip_grad_norm_(
     return total
 
 
-@torch.no_grad()
+@no_grad
 def clip_grad_value_(parameters: TensorOrTensors, clip_value: float, foreach: bool | None = None) -> None:
     r"""Clamp every gradient element into ``[-clip_value, clip_value]``, in place.
 
@@ -242,7 +243,7 @@ def _named(module_or_named_parameters: NamedParameters) -> list[tuple[str, Tenso
     return items
 
 
-@torch.no_grad()
+@no_grad
 def grad_norms(module_or_named_parameters: NamedParameters, norm_type: float | str = 2.0) -> dict[str, Tensor]:
     r"""Per-parameter gradient norms :math:`\|g_i\|_p` and their total, in one grouped pass, kept on the device.
 

@@ -27,6 +27,7 @@ from contextvars import ContextVar
 import torch
 from torch import Tensor
 
+from gradguard._nograd import no_grad
 from gradguard.distributed import dtensor_type
 from gradguard.norms import cpu_map, cpu_tasks, group_by_device_and_dtype, host_reads_allowed, use_foreach
 
@@ -60,7 +61,7 @@ def deferred_scale() -> Iterator[list[tuple[Sequence[Tensor], Tensor]]]:
         _DEFERRED.reset(token)
 
 
-@torch.no_grad()
+@no_grad
 def clip_to_norm_(tensors: Sequence[Tensor], max_norm: float, norm: Tensor, foreach: bool | None = None) -> None:
     """Scale ``tensors`` in place by ``clip_coefficient(max_norm, norm)`` (``norm`` a 0-d tensor).
 
@@ -119,7 +120,7 @@ def _on_host(coef: Tensor, tensors: Sequence[Tensor]) -> bool:
     return host_reads_allowed() and coef.is_cpu and all(t.is_cpu for t in tensors)
 
 
-@torch.no_grad()
+@no_grad
 def scale_(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None = None) -> None:
     """Multiply ``tensors`` in place by ``coef``: a 0-d tensor (one factor) or a 1-d tensor (one per tensor).
 
@@ -204,7 +205,7 @@ def _mul_task(coef: Tensor) -> Callable[[list[Tensor]], None]:
     return run
 
 
-@torch.no_grad()
+@no_grad
 def scale_units_(views: Sequence[Tensor], coefs: Sequence[Tensor], smallest: Tensor) -> None:
     """``views[i] *= coefs[i]`` in place, broadcast over each view (one factor per unit, e.g. per output row).
 
