@@ -254,3 +254,24 @@ def test_compiled_total_norm_of_a_long_cpu_tensor_is_float32_accurate():
     torch.testing.assert_close(gg.get_total_norm([g]).double(), exact, rtol=2e-6, atol=0)  # eager: accurate
     got = torch.compile(lambda ts: gg.get_total_norm(ts), fullgraph=True)([g])
     torch.testing.assert_close(got.double(), exact, rtol=2e-6, atol=0)  # compiled: rows too (torch's kernel: ~1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_norm_of_huge_or_tiny_finite_gradients_is_finite_and_accurate(dtype):
+    # The float32 rows overflow above 1.8e19 and lose precision below 1e-19; compiled, a torch.cond in the graph
+    # recomputes the norm with float64 accumulation then (no host read, no graph break), as eager rescues it.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda ts: gg.get_total_norm(ts), fullgraph=True)
+    gen = torch.Generator().manual_seed(1)
+    for scale in (3e19, 1e30, 1e-25):
+        ts = [(torch.randn(70_000, generator=gen) * scale).to(dtype), (torch.randn(30, generator=gen) * scale).to(dtype)]
+        exact = float(torch.linalg.vector_norm(torch.cat([t.double() for t in ts])))
+        got = compiled(ts)
+        assert math.isfinite(float(got)) and float(got) == pytest.approx(exact, rel=1e-6), scale
+    explained = torch._dynamo.explain(lambda ts: gg.get_total_norm(ts))(ts)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    for bad, want in ((math.inf, math.inf), (math.nan, math.nan)):
+        ts = [torch.ones(70_000, dtype=dtype), torch.ones(30, dtype=dtype)]
+        ts[0][5] = bad
+        got = float(compiled(ts))
+        assert (math.isnan(got) if math.isnan(want) else got == want), bad

@@ -333,3 +333,54 @@ def test_small_tensors_are_reduced_single_threaded_and_the_caller_keeps_its_thre
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_norms_of_huge_finite_gradients_are_finite_without_a_host_read(dtype):
+    # On CUDA the fused _foreach_norm accumulates in float64 when asked for float64 output: 3e19 (fp32, bf16) or
+    # 6e4 x 1e6 values (fp16) give a finite, accurate norm in one pass, under sync debug mode "error".
+    big = 6e4 if dtype == torch.float16 else 3e19
+    ts = [torch.full((1_000_000,), big, dtype=dtype, device="cuda"), torch.ones(10, dtype=dtype, device="cuda")]
+    expected = _exact([t.cpu() for t in ts], 2)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        total = gg.get_total_norm(ts)
+        per = N.tensor_norms(ts)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert total.dtype == torch.float32 and per.dtype == torch.float32
+    assert float(total) == pytest.approx(expected, rel=1e-6)
+    assert float(per[0]) == pytest.approx(_exact([ts[0].cpu()], 2), rel=1e-6)
+
+
+def test_float64_accumulation_is_asked_for_on_cuda_only():
+    # What the CUDA test above relies on, checked where there is no GPU: the fused kernel is asked for float64
+    # output (so it accumulates in float64) on CUDA for 1- and 2-norms of 32-bit and 16-bit gradients, and nowhere
+    # else (MPS has no float64; CPU has its own overflow-free path).
+    cuda, cpu, mps = torch.device("cuda"), torch.device("cpu"), torch.device("mps")
+    assert N._wide(cuda, 2.0, torch.float32) and N._wide(cuda, 1.0, torch.float32)
+    assert not N._wide(cuda, math.inf, torch.float32) and not N._wide(cuda, 3.0, torch.float32)
+    assert not N._wide(cuda, 2.0, torch.float64)
+    assert not N._wide(cpu, 2.0, torch.float32) and not N._wide(mps, 2.0, torch.float32)
+
+
+def test_float64_norms_from_the_fused_kernel_are_combined_and_returned_as_float32(monkeypatch):
+    # The plumbing of the CUDA path, run on CPU: the fused kernel (CPU's own _foreach_norm) asked for float64, empty
+    # tensors among them, combined and cast back; per-tensor norms cast back too. No host read (device path).
+    monkeypatch.setattr(N, "_wide", lambda device, p, acc: p in (1.0, 2.0) and acc == torch.float32)
+    monkeypatch.setattr(N, "use_foreach", lambda device, foreach: True)
+    asked = []
+    fused = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, p, dtype=None: (asked.append(dtype), fused(ts, p, dtype=dtype))[1])
+    ts = [torch.full((1000,), 6e4, dtype=torch.float16), torch.zeros(0, dtype=torch.float16),
+          torch.full((3,), 1e4, dtype=torch.float16)]
+    with N.device_path():
+        total = gg.get_total_norm(ts)
+        per = N.tensor_norms(ts)
+        l1 = gg.get_total_norm(ts, 1)
+    assert asked == [torch.float64] * 3
+    assert total.dtype == per.dtype == l1.dtype == torch.float32
+    assert float(total) == pytest.approx(_exact(ts, 2), rel=1e-6)
+    assert float(l1) == pytest.approx(_exact(ts, 1), rel=1e-6)
+    assert per.tolist() == pytest.approx([_exact(ts[:1], 2), 0.0, _exact(ts[2:], 2)], rel=1e-6)

@@ -36,10 +36,14 @@ How it is computed:
   ``m ‖g/m‖_p`` from the largest magnitude ``m`` (only then: one host read of a CPU scalar decides), and norms are
   always combined that way with device ops;
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
-  to the host;
+  to the host. On CUDA its 1- and 2-norms are asked for in float64, and torch's kernel accumulates in its output
+  dtype: the same single pass, and no finite float32 / 16-bit gradient overflows it;
 * empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
 * inside :func:`device_path` (``fused_clip_step``), CPU 2-norms take the row kernel too, with no host read; while
-  ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break).
+  ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break), and a
+  ``torch.cond`` in the graph recomputes a non-finite or tiny float32 total with float64 accumulation.
+  Not rescued: eager :func:`device_path` on CPU and accelerators other than CUDA, where float32 squares of values
+  above about 1.8e19 still overflow (the total is then ``inf`` and the step is skipped as non-finite).
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -633,6 +637,20 @@ def use_foreach(device: torch.device, foreach: bool | None) -> bool:
     return supported and foreach is not False
 
 
+def _wide(device: torch.device, p: float, acc: torch.dtype) -> bool:
+    """Whether torch's fused ``_foreach_norm`` accumulates in float64 here: on CUDA (and ROCm) its accumulator is the
+    output dtype's (``at::opmath_type<out_t>``), so asking for float64 output makes the one pass overflow-free for
+    float32 / float16 / bfloat16 gradients (squares up to (3.4e38)^2 fit in float64) at no extra memory traffic. The
+    result is cast back to float32. Not on other accelerators (MPS has no float64)."""
+    return device.type == "cuda" and p in (1.0, 2.0) and acc == torch.float32
+
+
+def _device_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> Tensor:
+    """The per-tensor norms of a same-(device, dtype) group with device ops only, stacked: float64 where
+    :func:`_wide` (the caller combines them, then casts), else in the accumulation dtype."""
+    return torch.stack(_device_group_norms(tensors, p, foreach))
+
+
 def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
     """Per-tensor norms of a same-(device, dtype) group on an accelerator: one fused kernel, no host read."""
     acc = accumulation_dtype(tensors[0].dtype)
@@ -641,6 +659,8 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
     if nonempty:
         ts = [tensors[i] for i in nonempty]
         if use_foreach(ts[0].device, foreach):
+            wide = _wide(ts[0].device, p, acc)
+            acc = torch.float64 if wide else acc
             norms = list(torch._foreach_norm(ts, p, dtype=acc))
         else:
             norms = [
@@ -750,7 +770,8 @@ def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Ten
         if device.type == "cpu" and host_reads_allowed() and not _exotic(p):
             norms = _cpu_group_norms(group, p, scratch)
         else:
-            norms = _device_group_norms(group, p, None if device.type == "cpu" else foreach)
+            acc = accumulation_dtype(group[0].dtype)
+            norms = _device_norms(group, p, None if device.type == "cpu" else foreach).to(acc).unbind()
         for i, n in zip(idx, norms):
             out[i] = n
     return _stack_on(out, first)
@@ -833,7 +854,8 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
             parts.append(_cpu_device_path_total(group))
         else:
             fe = None if device.type == "cpu" else foreach
-            parts.append(combine_norms(torch.stack(_device_group_norms(group, p, fe)), p))
+            acc = accumulation_dtype(group[0].dtype)
+            parts.append(combine_norms(_device_norms(group, p, fe), p).to(acc))
     return parts[0] if len(parts) == 1 else combine_norms(_stack_on(parts, first), p)
 
 
@@ -856,7 +878,29 @@ def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
         parts.append(torch.linalg.vector_norm(small_norms).to(acc))
     if not parts:
         return torch.zeros((), dtype=acc)
-    return parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
+    total = parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
+    if acc == torch.float32 and torch.compiler.is_compiling():
+        return _compiled_rescue(total, group)
+    return total
+
+
+def _compiled_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
+    """While torch.compile traces: ``total`` if it is finite and not tiny, else the group's 2-norm recomputed with
+    float64 accumulation (one more pass, fused by the compiler: no copy). A ``torch.cond`` in the graph, so the
+    common case costs nothing (measured: the same time as without it) and there is no host read nor graph break.
+    float64 squares hold any float32 / bfloat16 value (up to 1.2e77) and any subnormal (down to 1e-90), so finite
+    gradients up to the dtype maximum give a finite, accurate norm there too."""
+    ok = torch.isfinite(total) & (total >= _TINY[torch.float32] ** 0.5)
+    return torch.cond(ok, _keep_total, _float64_total, (total, *group))
+
+
+def _keep_total(total: Tensor, *group: Tensor) -> Tensor:
+    return total.clone()  # a branch of torch.cond may not return its input as is
+
+
+def _float64_total(total: Tensor, *group: Tensor) -> Tensor:
+    norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in group])
+    return torch.linalg.vector_norm(norms).to(total.dtype)
 
 
 def _stack_on(values: list[Tensor], device: torch.device) -> Tensor:
