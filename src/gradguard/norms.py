@@ -771,7 +771,7 @@ def _local_tensor_norms(ts: list[Tensor], p: float, foreach: bool | None) -> Ten
             norms = _cpu_group_norms(group, p, scratch)
         else:
             acc = accumulation_dtype(group[0].dtype)
-            norms = _device_norms(group, p, None if device.type == "cpu" else foreach).to(acc).unbind()
+            norms = list(_device_norms(group, p, None if device.type == "cpu" else foreach).to(acc).unbind())
         for i, n in zip(idx, norms):
             out[i] = n
     return _stack_on(out, first)
