@@ -717,8 +717,9 @@ class _LayerProbe:
     needs by definition (the optimizer moves every layer in one step), held from one per-layer step to the next.
 
     Temporaries: one float32 upcast buffer for bf16/fp16 CPU tensors (1 MiB at most, and at most the largest such
-    layer's bytes), never a layer's copy; see :func:`_layer_norms`, which also keeps long CPU tensors' norms
-    float32-accurate. Names are the user's: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped
+    layer's bytes), never a layer's copy: the norm engine's no-host-read CPU path
+    (``gradguard.norms._cpu_device_path_norms``), which also keeps long CPU tensors' norms float32-accurate. Names
+    are the user's: a ``torch.compile`` wrapper's ``_orig_mod.`` prefix is dropped
     (``gradguard._compat.uncompiled``).
     """
 
@@ -741,10 +742,10 @@ class _LayerProbe:
             return None
         names = tuple(n for n, _ in named)
         params = [p.detach() for _, p in named]
-        post = _layer_norms([p.grad for _, p in named], self.norm_type)  # type: ignore[misc]
+        post = norms.tensor_norms([p.grad for _, p in named], self.norm_type, check=False)  # type: ignore[misc]
         wrapped = tuple(n for n, p in model.named_parameters() if p.grad is not None)  # as a clipper names them
         grad = _undo_clipping(post, stats, (names, wrapped))
-        pnorm = _layer_norms(params, self.norm_type).to(post)
+        pnorm = norms.tensor_norms(params, self.norm_type, check=False).to(post)
         ratio = self._update_ratio(names, params, step)
         ratio = torch.full_like(post, math.nan) if ratio is None else ratio.to(post) / pnorm
         return names, torch.stack([grad, pnorm, ratio]).to(_wide(post.device))
@@ -755,7 +756,7 @@ class _LayerProbe:
                 n in snap[1] and snap[1][n].shape == p.shape for n, p in zip(names, params)):
             return None
         diffs = [snap[1][n].sub_(p) for n, p in zip(names, params)]  # θ_{t-1} - θ_t, in the snapshot's memory
-        out = _layer_norms(diffs, self.norm_type)
+        out = norms.tensor_norms(diffs, self.norm_type, check=False)
         if self.due(step + 1):  # every=1: the snapshot becomes θ_t for the next step, in place
             for d, p in zip(diffs, params):
                 d.copy_(p)
@@ -771,78 +772,9 @@ class _LayerProbe:
         self._snapshot = (step, {n: p.detach().clone() for n, p in _user_named_parameters(model) if p.requires_grad})
 
 
-_CHUNK = 1 << 14
-"""Values per view when a CPU tensor's norm is taken in pieces (torch's CPU kernel is accurate up to about this
-many)."""
-_STAGE = 1 << 18
-"""Values of the float32 buffer that reduced-precision CPU tensors are upcast through (1 MiB at most)."""
-
-
 def _user_named_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """``model.named_parameters()`` under the user's names (a ``torch.compile`` wrapper's prefix dropped)."""
     return uncompiled(model).named_parameters()
-
-
-def _layer_norms(tensors: list[Tensor], p: float) -> Tensor:
-    r"""Per-tensor p-norms from the norm engine: float32-accurate, with one small upcast buffer as the only copy.
-
-    Called under :func:`gradguard.norms.device_path` (no host reads), where the engine gives each CPU tensor to one
-    ``torch._foreach_norm`` call. There torch's CPU kernel (a) reduces a bf16/fp16 tensor through a whole float32
-    copy of it (2x the layer's bytes) and (b) accumulates long float32 vectors inaccurately (relative error 1e-5 at
-    1M values, 2.7e-3 for GPT-2's 38.6M-value embedding, where the engine's own CPU path is accurate to 2e-7). So a
-    real CPU tensor longer than ``_CHUNK`` (``p > 0``) is measured as views of ``_CHUNK`` values: a float32/float64
-    one directly, a bf16/fp16 one block by block through one reused float32 buffer of at most ``_STAGE`` values and
-    at most half the tensor's length (so at most the layer's own bytes; a copy per piece instead left the heap
-    fragmented: +2x the parameter bytes of RSS, though never more than a piece was allocated at once). Its norm is
-    the p-norm of its pieces', :math:`\|g\|_p = \|(\|g_1\|_p, \dots, \|g_k\|_p)\|_p` (their max for
-    :math:`p = \infty`), by :func:`gradguard.norms.combine_norms` (overflow-free). ``p <= 0`` norms do not combine
-    that way (taken whole), nor need complex tensors or accelerators (whose fused kernel reads bf16/fp16 directly).
-    This belongs in the engine's device path on the CPU (it would then serve torch.compile and ``fused_clip_step``
-    too); it lives here until it moves there.
-    """
-    views: list[Tensor] = []  # measured together, in one engine call
-    spans: list[tuple[int, int] | Tensor] = []  # per tensor: its views' range, or its staged piece norms
-    buf: Tensor | None = None
-    for t in tensors:
-        if p <= 0 or t.device.type != "cpu" or t.numel() <= _CHUNK or t.is_complex():
-            spans.append((len(views), len(views) + 1))
-            views.append(t)
-            continue
-        acc = norms.accumulation_dtype(t.dtype)
-        if t.dtype == acc:
-            start = len(views)
-            views.extend(_blocks(t, _CHUNK))
-            spans.append((start, len(views)))
-            continue
-        size = min(_STAGE, (t.numel() + 1) // 2)
-        blocks = _blocks(t, size)
-        need = max(b.numel() for b in blocks)
-        if buf is None or buf.numel() < need or buf.dtype != acc:
-            buf = None  # the old one freed before the new one is made
-            buf = torch.empty(need, dtype=acc)
-        parts = []
-        for block in blocks:
-            staged = buf[:block.numel()]
-            staged.view(block.shape).copy_(block)
-            parts.append(norms.tensor_norms(torch.split(staged, _CHUNK), p, check=False))
-        spans.append(torch.cat(parts))
-    out = norms.tensor_norms(views, p, check=False) if views else None
-    result = []
-    for span in spans:
-        if isinstance(span, Tensor):
-            result.append(norms.combine_norms(span, p))
-        else:
-            assert out is not None
-            a, b = span
-            result.append(out[a] if b == a + 1 else norms.combine_norms(out[a:b], p))
-    return torch.stack(result) if out is None else torch.stack([r.to(out) for r in result])
-
-
-def _blocks(t: Tensor, size: int) -> list[Tensor]:
-    """Views of ``t`` of at most about ``size`` values: flat when contiguous, else rows along dim 0."""
-    if t.is_contiguous():
-        return list(torch.split(t.view(-1), size))
-    return list(torch.split(t, max(1, size * t.shape[0] // t.numel()), dim=0))
 
 
 def _undo_clipping(post: Tensor, stats: ClipStats | None, names: tuple[tuple[str, ...], ...]) -> Tensor:
