@@ -55,8 +55,11 @@ def make_params(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> list[torch
 
 
 def measure(
-    contenders: dict[str, Callable[[], object]], restore: Callable[[], None], rounds: int
+    contenders: dict[str, Callable[[], object]], restore: Callable[[], None], rounds: int, reps: int = 1
 ) -> dict[str, float]:
+    """Median time of each contender: ``rounds`` interleaved rounds in a rotating order; in each round every
+    contender makes ``reps`` timed calls in a row (each after an untimed ``restore()``) and the round keeps their
+    median; the result is the median over rounds."""
     times: dict[str, list[float]] = {k: [] for k in contenders}
     names = list(contenders)
     for k in names:  # warm-up
@@ -65,14 +68,19 @@ def measure(
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate so no contender always goes first
         for k in order:
-            restore()
-            t0 = time.perf_counter()
-            contenders[k]()
-            times[k].append(time.perf_counter() - t0)
+            samples = []
+            for _ in range(reps):
+                restore()
+                t0 = time.perf_counter()
+                contenders[k]()
+                samples.append(time.perf_counter() - t0)
+            times[k].append(statistics.median(samples))
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, rounds: int) -> list[dict[str, object]]:
+def run_case(
+    name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, rounds: int, reps: int = 1
+) -> list[dict[str, object]]:
     params = make_params(shapes, dtype)
     grads = [p.grad for p in params]
     originals = [g.clone() for g in grads]
@@ -89,7 +97,7 @@ def run_case(name: str, shapes: list[tuple[int, ...]], dtype: torch.dtype, round
             "read floor": lambda: [g.sum() for g in grads],
             "rw floor": lambda: [g.mul_(0.999) for g in grads],
         }
-        med = measure(contenders, restore, rounds)
+        med = measure(contenders, restore, rounds, reps)
         floor = med["read floor"] + (med["rw floor"] if clipping == "clip" else 0.0)
         rows.append(
             {
@@ -135,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=11)
     ap.add_argument("--cases", default=DEFAULT, help=f"comma-separated subset of {SWEEP}, or 'sweep' for all")
+    ap.add_argument("--reps", type=int, default=1, help="timed calls per contender per round (their median counts)")
     ap.add_argument("--busy", action="store_true", help="run a CPU-bound subprocess beside the benchmark")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
@@ -145,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
         print(
-            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds, medians"
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds of "
+            f"{args.reps} call(s) each, medians"
             f"{', one busy core beside (--busy)' if busy else ''}\n"
         )
         print("| case | dtype | clipping | gradguard / torch | gradguard / floor | torch / floor | floor |")
@@ -153,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for key in keys:
             name, shapes_fn, dtype = CASES[key]
-            for row in run_case(name, shapes_fn(), dtype, args.rounds):
+            for row in run_case(name, shapes_fn(), dtype, args.rounds, args.reps):
                 row["busy"] = busy is not None
                 rows.append(row)
                 print(

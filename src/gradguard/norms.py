@@ -258,6 +258,12 @@ def cpu_map(fn: Callable[[Any], _T], tasks: Sequence[Any]) -> list[_T]:
     return pool.map(fn, tasks)
 
 
+def worth_workers(values: int) -> bool:
+    """Whether a CPU pass over ``values`` values is long enough for the workers (else :func:`cpu_map` runs inline:
+    callers may then skip cutting it into tasks)."""
+    return values >= _TASK * _POOL_MIN
+
+
 def cpu_tasks(pieces: Iterable[Tensor]) -> list[list[Tensor]]:
     """Pieces (tensors or views) batched into tasks of about _TASK values, in order; a piece is never split."""
     tasks: list[list[Tensor]] = []

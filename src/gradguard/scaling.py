@@ -29,7 +29,14 @@ from torch import Tensor
 
 from gradguard._nograd import no_grad
 from gradguard.distributed import dtensor_type
-from gradguard.norms import cpu_map, cpu_tasks, group_by_device_and_dtype, host_reads_allowed, use_foreach
+from gradguard.norms import (
+    cpu_map,
+    cpu_tasks,
+    group_by_device_and_dtype,
+    host_reads_allowed,
+    use_foreach,
+    worth_workers,
+)
 
 __all__ = ["EPS", "clip_coefficient", "clip_to_norm_", "deferred_scale", "scale_", "scale_units_"]
 
@@ -170,7 +177,10 @@ def _mul_groups(tensors: Sequence[Tensor], coef: Tensor, foreach: bool | None, *
     robust where other processes keep the cores busy); ``foreach=False`` keeps the Python loop.
     """
     if all_cpu and foreach is None:
-        cpu_map(_mul_task(coef), cpu_tasks(_pieces(tensors)))
+        if not worth_workers(sum(t.numel() for t in tensors)):  # inline: one call, no pieces
+            torch._foreach_mul_(list(tensors), coef)
+        else:
+            cpu_map(_mul_task(coef), cpu_tasks(_pieces(tensors)))
         return
     coefs: dict[torch.device, Tensor] = {}
     for (device, _), idx in group_by_device_and_dtype(tensors).items():
