@@ -372,9 +372,14 @@ def test_float64_norms_from_the_fused_kernel_are_combined_and_returned_as_float3
     monkeypatch.setattr(N, "use_foreach", lambda device, foreach: True)
     asked = []
     fused = torch._foreach_norm
-    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, p, dtype=None: (asked.append(dtype), fused(ts, p, dtype=dtype))[1])
-    ts = [torch.full((1000,), 6e4, dtype=torch.float16), torch.zeros(0, dtype=torch.float16),
-          torch.full((3,), 1e4, dtype=torch.float16)]
+    monkeypatch.setattr(
+        torch, "_foreach_norm", lambda ts, p, dtype=None: (asked.append(dtype), fused(ts, p, dtype=dtype))[1]
+    )
+    ts = [
+        torch.full((1000,), 6e4, dtype=torch.float16),
+        torch.zeros(0, dtype=torch.float16),
+        torch.full((3,), 1e4, dtype=torch.float16),
+    ]
     with N.device_path():
         total = gg.get_total_norm(ts)
         per = N.tensor_norms(ts)
@@ -384,3 +389,26 @@ def test_float64_norms_from_the_fused_kernel_are_combined_and_returned_as_float3
     assert float(total) == pytest.approx(_exact(ts, 2), rel=1e-6)
     assert float(l1) == pytest.approx(_exact(ts, 1), rel=1e-6)
     assert per.tolist() == pytest.approx([_exact(ts[:1], 2), 0.0, _exact(ts[2:], 2)], rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("n_small", [3, 64, 65, 300])
+@pytest.mark.parametrize("on_device_path", [False, True])
+def test_small_tensors_beside_row_reduced_ones_all_count(dtype, n_small, on_device_path):
+    # A few small tensors join the rows' float64 combine (one more call); many go through the concatenation path.
+    # Either way each one counts: here a small tensor holds most of the norm.
+    gen = torch.Generator().manual_seed(n_small)
+    big = [(torch.randn(s, generator=gen, dtype=torch.float64) * 1e-2).to(dtype) for s in ((300, 100), (9000,))]
+    small = [
+        (torch.randn(int(k), generator=gen, dtype=torch.float64)).to(dtype)
+        for k in torch.randint(1, 700, (n_small,), generator=gen)
+    ]
+    small[n_small // 2][0] = 1e3
+    ts = big[:1] + small + big[1:] + [torch.zeros(0, dtype=dtype)]
+    if on_device_path:
+        with N.device_path():
+            got = float(gg.get_total_norm(ts))
+    else:
+        got = float(gg.get_total_norm(ts))
+    rel = 1e-6 if dtype != torch.bfloat16 else _bf16_rows_rel(sum(t.numel() for t in ts))
+    assert got == pytest.approx(_exact(ts, 2), rel=rel)

@@ -426,17 +426,20 @@ def _row_view(t: Tensor) -> tuple[Tensor, Tensor | None]:
     return v[: r * _ROW].view(r, _ROW), (v[r * _ROW :] if n > r * _ROW else None)
 
 
-def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
+def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype, small: Sequence[Tensor] = ()) -> Tensor:
     """The 2-norm of same-dtype tensors (each of at least _DIRECT values), combined in float64; in ``acc``.
 
     Every tensor is read as rows (views of at most _TASK values, on the CPU workers), except bf16 tensors of at most
     _SPLIT values: those, and the tails, are one ``_foreach_norm`` call (each a single short reduction; one Python
     call for all, no copy: for 64 bf16 tensors of 16K-64K values rows cost 40% more than torch's one reduction per
-    tensor). No host read: also the CPU kernel of :func:`device_path`.
+    tensor). ``small`` tensors (non-empty, fewer than _DIRECT values) join as one more ``_foreach_norm`` call in
+    ``acc``; every norm is combined in one float64 reduction (a handful of calls in all: after the gradients have
+    been written, each small call costs 10-30 us of cold caches). No host read: also the CPU kernel of
+    :func:`device_path`.
     """
     pieces: list[Tensor] = []
     whole: list[Tensor] = []  # bf16 tensors of at most _SPLIT values, and tails
-    bf16 = tensors[0].dtype == torch.bfloat16
+    bf16 = bool(tensors) and tensors[0].dtype == torch.bfloat16
     step = _TASK // _ROW
     for t in tensors:
         if bf16 and t.numel() <= _SPLIT:
@@ -449,8 +452,10 @@ def _rows_total(tensors: Sequence[Tensor], acc: torch.dtype) -> Tensor:
     norms = [n for batch in cpu_map(_row_norms, cpu_tasks(pieces)) for n in batch]
     if whole:
         norms.append(torch.stack(torch._foreach_norm(whole, 2.0)))
-    flat = (norms[0] if len(norms) == 1 else torch.cat(norms)).to(torch.float64)
-    return torch.linalg.vector_norm(flat).to(acc)
+    if small:
+        norms.append(torch.stack(torch._foreach_norm(list(small), 2.0, dtype=acc)))
+    flat = norms[0] if len(norms) == 1 else torch.cat(norms)
+    return torch.linalg.vector_norm(flat, dtype=torch.float64).to(acc)
 
 
 def _row_norms(pieces: list[Tensor]) -> list[Tensor]:
@@ -543,10 +548,14 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
         return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p, scratch)
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
+    few: list[Tensor] = []
+    if direct and p == 2.0 and sum(len(items) for items in by_rest.values()) <= _FEW:
+        few = [t for items in by_rest.values() for t, _ in items]  # beside row-reduced tensors: one more call
+        by_rest = {}
     for rest, items in by_rest.items():
         parts.extend(_concatenated_partials(rest, items, p, acc, scratch))
     if direct and p == 2.0:
-        parts.append(_rows_total(direct, acc))
+        parts.append(_rows_total(direct, acc, few))
     elif direct:
         views = [c for t in direct for c in (torch.split(t.reshape(-1), _SEG) if t.numel() > _SPLIT else (t,))]
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
@@ -880,13 +889,9 @@ def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
     acc = accumulation_dtype(group[0].dtype)
     large = [t for t in group if t.numel() >= _DIRECT]
     small = [t for t in group if 0 < t.numel() < _DIRECT]
-    parts = [_rows_total(large, acc)] if large else []
-    if small:  # combined in float64: squares of norms above 1.8e19 would overflow float32
-        small_norms = torch.stack(torch._foreach_norm(small, 2.0, dtype=acc)).to(torch.float64)
-        parts.append(torch.linalg.vector_norm(small_norms).to(acc))
-    if not parts:
+    if not large and not small:
         return torch.zeros((), dtype=acc)
-    total = parts[0] if len(parts) == 1 else _scaled_pnorm(torch.stack(parts), 2.0)
+    total = _rows_total(large, acc, small)  # all combined in float64: squares above 3.4e38 do not overflow there
     if acc == torch.float32 and torch.compiler.is_compiling():
         return _compiled_rescue(total, group)
     return total
