@@ -114,3 +114,30 @@ def test_orders_that_cannot_be_reduced_across_ranks_are_refused(tmp_path):
         assert float(N.total_norm(g, 2.0, process_group=group)) == 5.0
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.complex64])
+def test_the_no_host_read_path_agrees_with_float64_for_every_dtype(norm_type, dtype):
+    # The path of accelerators, torch.compile and Guard(host_sync=False), run on CPU: per-tensor norms and totals
+    # of long tensors (taken in pieces: torch's whole-tensor kernel is off by 1e-5 and more there) and complex ones
+    # (the modulus), equal to float64 within float32 accuracy, as the host path is.
+    gen = torch.Generator().manual_seed(3)
+    real = torch.float32 if dtype == torch.complex64 else dtype
+    ts = [torch.randn(n, generator=gen, dtype=torch.float64) + 0.5 for n in (1 << 20, 300, 0, 70_000)]
+    ts = [torch.complex(t, t.flip(0)).to(dtype) if dtype == torch.complex64 else t.to(real) for t in ts]
+    exact = [float(torch.linalg.vector_norm(t.to(torch.complex128 if t.is_complex() else torch.float64), norm_type))
+             if t.numel() else 0.0 for t in ts]
+    want_total = float(torch.linalg.vector_norm(torch.tensor(exact, dtype=torch.float64), norm_type))
+    with gg.norms.device_path():
+        per = gg.norms.tensor_norms(ts, norm_type)
+        total = gg.get_total_norm(ts, norm_type)
+    host = gg.get_total_norm(ts, norm_type)
+    # float32 accumulation over 16K-value pieces: 1e-6 for p = 1, 2, 2e-6 measured for other p; bf16/fp16 2-norm
+    # totals are made of bf16-rounded row norms; complex tensors are taken whole by torch's kernel (1.5e-5 at 1M)
+    rel = 1e-6 if norm_type in (1.0, 2.0, math.inf) else 5e-6 / min(norm_type, 1.0) ** 2  # p < 1 amplifies 1/p
+    rel = 1e-4 if dtype == torch.complex64 else 1e-3 if real != torch.float32 and norm_type == 2.0 else rel
+    assert per.dtype == total.dtype == torch.float32
+    assert per.tolist() == pytest.approx(exact, rel=1e-4 if dtype == torch.complex64 else max(rel, 5e-6))
+    assert float(total) == pytest.approx(want_total, rel=rel)
+    assert float(total) == pytest.approx(float(host), rel=rel)

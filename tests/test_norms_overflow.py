@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import threading
@@ -308,9 +309,10 @@ def test_big_inputs_are_enough_for_the_workers(small_tasks):
     assert len(tasks) >= N._POOL_MIN
 
 
+@pytest.mark.skipif(N._WORKERS.omp() is None, reason="needs torch on OpenMP (a per-thread thread count)")
 def test_small_tensors_are_reduced_single_threaded_and_the_caller_keeps_its_threads(monkeypatch):
     # The concatenation path (many short kernels on a cache-resident buffer) runs on one OpenMP thread: same bits as
-    # with the caller's threads, and the caller's setting is back afterwards, also after an error inside.
+    # with the caller's two threads, and the caller's setting is back afterwards, also after an error inside.
     torch.manual_seed(5)
     ts = [torch.randn(int(n)) for n in torch.randint(16, 2048, (600,))]
     before = torch.get_num_threads()
@@ -322,9 +324,11 @@ def test_small_tensors_are_reduced_single_threaded_and_the_caller_keeps_its_thre
         total = gg.get_total_norm(ts)
         assert seen and set(seen) == {1}
         assert torch.get_num_threads() == 2
-        monkeypatch.setattr(N, "_partial", real_partial)
-        with N.single_threaded():
+        seen.clear()
+        with monkeypatch.context() as m:
+            m.setattr(N, "single_threaded", contextlib.nullcontext)  # the same path on the caller's two threads
             again = gg.get_total_norm(ts)
+        assert seen and set(seen) == {2}
         assert torch.equal(total, again)
         assert float(total) == pytest.approx(_exact(ts, 2), rel=1e-6)
         with pytest.raises(ZeroDivisionError), N.single_threaded():

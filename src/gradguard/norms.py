@@ -39,11 +39,16 @@ How it is computed:
   to the host. On CUDA its 1- and 2-norms are asked for in float64, and torch's kernel accumulates in its output
   dtype: the same single pass, and no finite float32 / 16-bit gradient overflows it;
 * empty tensors add nothing: norm 0 for ``p >= 0`` and inf, inf (the identity) for ``p < 0`` and ``-inf``;
-* inside :func:`device_path` (``fused_clip_step``), CPU 2-norms take the row kernel too, with no host read; while
-  ``torch.compile`` traces, CPU tensors take the accelerator path (no host read, no graph break), and a
-  ``torch.cond`` in the graph recomputes a non-finite or tiny float32 total with float64 accumulation.
-  Not rescued: eager :func:`device_path` on CPU and accelerators other than CUDA, where float32 squares of values
-  above about 1.8e19 still overflow (the total is then ``inf`` and the step is skipped as non-finite).
+* inside :func:`device_path` (the no-host-read path: ``Guard(host_sync=False)``, the Monitor's per-layer norms,
+  and the tests' stand-in for an accelerator), CPU 2-norm totals take the row kernel too, and other CPU norms
+  (per-tensor norms, other orders, float16) are taken in 16K-value pieces through one 1 MiB upcast buffer
+  (float32-accurate, no whole-tensor copy); while ``torch.compile`` traces, CPU tensors take the accelerator path
+  (no host read, no graph break), and a ``torch.cond`` in the graph recomputes a non-finite or tiny float32 /
+  bfloat16 2-norm total with float64 accumulation.
+  Not rescued on a path with no host read: eager :func:`device_path` on CPU and accelerators other than CUDA
+  (float32 squares overflow above about 1.8e19 and underflow below about 1e-19); on CUDA, ``foreach=False`` and
+  orders other than 1 and 2 (p-th powers in float32); under ``torch.compile``, per-tensor norms and orders other
+  than 2. There a total that overflows is ``inf`` and the step is skipped as non-finite.
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -528,7 +533,7 @@ def _cpu_tensor_partial(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
 def _cpu_tensor_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
     """Norm of one CPU tensor in its accumulation dtype."""
     if t.is_complex():
-        return torch.linalg.vector_norm(t, p)
+        return torch.linalg.vector_norm(t, p) if t.numel() else _empty_norm(p, accumulation_dtype(t.dtype))
     return _cpu_tensor_partial(t, p, scratch)
 
 
@@ -673,14 +678,15 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
     nonempty = [i for i, t in enumerate(tensors) if t.numel()]
     if nonempty:
         ts = [tensors[i] for i in nonempty]
-        if use_foreach(ts[0].device, foreach):
-            wide = _wide(ts[0].device, p, acc)
-            acc = torch.float64 if wide else acc
+        if ts[0].is_complex():  # the norm of the modulus: torch picks the real dtype (a real dtype= is an error)
+            norms = list(torch._foreach_norm(ts, p)) if use_foreach(ts[0].device, foreach) else [
+                torch.linalg.vector_norm(t, p) for t in ts
+            ]
+        elif use_foreach(ts[0].device, foreach):
+            acc = torch.float64 if _wide(ts[0].device, p, acc) else acc
             norms = list(torch._foreach_norm(ts, p, dtype=acc))
         else:
-            norms = [
-                torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc or t.is_complex() else acc) for t in ts
-            ]
+            norms = [torch.linalg.vector_norm(t, p, dtype=None if t.dtype == acc else acc) for t in ts]
         for i, norm in zip(nonempty, norms):
             out[i] = norm
     empty = None
@@ -869,6 +875,8 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
             parts.append(_cpu_group_total(group, p, scratch))
         elif device.type == "cpu" and _rows_on_device_path(group, p):
             parts.append(_cpu_device_path_total(group))
+        elif device.type == "cpu" and not _exotic(p) and not torch.compiler.is_compiling():
+            parts.append(combine_norms(_cpu_device_path_norms(group, p), p))
         else:
             fe = None if device.type == "cpu" else foreach
             acc = accumulation_dtype(group[0].dtype)
@@ -903,8 +911,11 @@ def _compiled_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
     common case costs nothing (measured: the same time as without it) and there is no host read nor graph break.
     float64 squares hold any float32 / bfloat16 value (up to 1.2e77) and any subnormal (down to 1e-90), so finite
     gradients up to the dtype maximum give a finite, accurate norm there too."""
+    cond = getattr(torch, "cond", None)  # public in recent torch; without it, no rescue (documented)
+    if cond is None:  # pragma: no cover - torch 2.13 (CI) has it
+        return total
     ok = torch.isfinite(total) & (total >= _TINY[torch.float32] ** 0.5)
-    return torch.cond(ok, _keep_total, _float64_total, (total, *group))
+    return cond(ok, _keep_total, _float64_total, (total, *group))  # type: ignore[no-any-return]
 
 
 def _keep_total(total: Tensor, *group: Tensor) -> Tensor:
