@@ -350,8 +350,10 @@ def device_path() -> Iterator[None]:
     """Inside, CPU tensors take the accelerator path too: no host reads and no Python branches on values (the CPU
     shortcuts — skipping a write when nothing clips, the overflow rescue decided on the host — are off).
 
-    :func:`gradguard.fused_clip_step` runs its clipper inside it, so its no-host-read promise holds on every device;
-    torch.compile tracing gets the same path automatically.
+    ``Guard(host_sync=False)``, ``gg.attach(..., host_sync=False)`` and the Monitor's per-layer statistics run
+    inside it, so their no-host-read promise holds on every device; tests run :func:`gradguard.fused_clip_step`
+    inside it to check on CPU the path it takes on an accelerator. torch.compile tracing gets the same path
+    automatically.
     """
     token = _DEVICE_PATH.set(True)
     try:
@@ -550,8 +552,12 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
     native = tensors[0].dtype == acc
-    if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
-        return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p, scratch)
+    if len(tensors) <= _FEW:  # fixed costs only: one _foreach_norm call, as torch
+        if native and all(0 < t.numel() <= _SPLIT for t in tensors):
+            total = _norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p)
+            return _cpu_rescue_total(total, tensors, p, scratch)
+        if p == 2.0 and tensors[0].dtype == torch.bfloat16 and all(_DIRECT <= t.numel() <= _SPLIT for t in tensors):
+            return _cpu_rescue_total(_rows_total(tensors, acc), tensors, p, scratch)  # each reduced whole there
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     few: list[Tensor] = []
     if direct and p == 2.0 and sum(len(items) for items in by_rest.values()) <= _FEW:
@@ -885,7 +891,7 @@ def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
 
 
 def _rows_on_device_path(group: list[Tensor], p: float) -> bool:
-    """Whether a CPU group on the no-host-read path (:func:`device_path`, e.g. ``fused_clip_step``, and
+    """Whether a CPU group on the no-host-read path (:func:`device_path`, e.g. ``Guard(host_sync=False)``, and
     torch.compile tracing, where the rows are traced inline) takes the row kernel: 2-norms of float32/float64/bf16
     gradients (torch's whole-tensor kernel is off by 1e-5 at 1M float32 values)."""
     return p == 2.0 and group[0].dtype in _ROW_DTYPES
@@ -932,7 +938,8 @@ _STAGE = 1 << 18  # values of the float32 buffer reduced-precision CPU tensors a
 
 def _cpu_device_path_norms(tensors: list[Tensor], p: float) -> Tensor:
     r"""Per-tensor p-norms (``p > 0``) of a same-dtype CPU group with no host read (:func:`device_path`: the
-    Monitor's per-layer statistics, ``fused_clip_step``), float32-accurate, one small upcast buffer the only copy.
+    Monitor's per-layer statistics, ``Guard(host_sync=False)``), float32-accurate, one small upcast buffer the only
+    copy.
 
     Taken whole, torch's CPU kernel (a) reduces a bf16/fp16 tensor through a float32 copy of all of it (2x the
     tensor's bytes) and (b) accumulates long float32 vectors inaccurately (relative error 1e-5 at 1M values, 2.7e-3
