@@ -914,7 +914,8 @@ def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
 def _compiled_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
     """While torch.compile traces: ``total`` if it is finite and not tiny, else the group's 2-norm recomputed with
     float64 accumulation (one more pass, fused by the compiler: no copy). A ``torch.cond`` in the graph, so the
-    common case costs nothing (measured: the same time as without it) and there is no host read nor graph break.
+    common case costs no extra pass (measured: +3-5% on a compiled 7.1M-value norm, the scalar ops and the branch)
+    and there is no host read nor graph break.
     float64 squares hold any float32 / bfloat16 value (up to 1.2e77) and any subnormal (down to 1e-90), so finite
     gradients up to the dtype maximum give a finite, accurate norm there too."""
     cond = getattr(torch, "cond", None)  # public in recent torch; without it, no rescue (documented)
