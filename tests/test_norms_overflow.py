@@ -215,8 +215,8 @@ def test_same_gradients_same_bits_whatever_the_thread_count(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_device_path_combines_tensor_and_row_norms_without_overflow(dtype):
-    # No host read there, so no rescue; but norms below 1.8e19 whose squares sum past the float32 maximum (1.5e19 and
-    # 1.5e19: 4.5e38) still combine to a finite total, in float64, for small tensors and rows alike.
+    # Norms below 1.8e19 whose squares sum past the float32 maximum (1.5e19 and 1.5e19: 4.5e38) combine to a finite
+    # total, in float64, for small tensors and rows alike, with no rescue pass needed.
     ts = [torch.full((1,), 1.5e19, dtype=dtype), torch.full((1,), 1.5e19, dtype=dtype)]
     rows = [torch.full((70_000,), 1.5e19 / math.sqrt(1024), dtype=dtype)]  # each 1024-value row has norm ~1.5e19
     for case in (ts, rows, ts + rows):
@@ -416,3 +416,27 @@ def test_small_tensors_beside_row_reduced_ones_all_count(dtype, n_small, on_devi
         got = float(gg.get_total_norm(ts))
     rel = 1e-6 if dtype != torch.bfloat16 else _bf16_rows_rel(sum(t.numel() for t in ts))
     assert got == pytest.approx(_exact(ts, 2), rel=rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [3e19, 1e36, 1e-25])
+def test_no_host_read_path_on_cpu_rescues_overflow_and_underflow_without_reading_a_value(dtype, scale):
+    # Guard(host_sync=False) on CPU: a 2-norm total that overflowed (values above 1.8e19) or underflowed (below
+    # 1e-19) in float32 squares is recomputed from the largest magnitude with device ops; deciding to do so reads no
+    # value on the host (counted with the dispatch-level host-read counter), and inf / NaN still come out as such.
+    from hostreads import HostReads
+
+    gen = torch.Generator().manual_seed(7)
+    ts = [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype) for n in (70_000, 300, 0, 20_000)]
+    with N.device_path(), HostReads() as reads:
+        total = gg.get_total_norm(ts)
+        ok = gg.get_total_norm([torch.randn(70_000, generator=gen)])  # the common case: no rescue
+    assert reads.count() == 0, [str(r) for r in reads.reads]
+    assert math.isfinite(float(total)) and float(total) == pytest.approx(_exact(ts, 2), rel=1e-6)
+    assert math.isfinite(float(ok))
+    for bad in (math.inf, math.nan):
+        broken = [t.clone() for t in ts]
+        broken[3][5] = bad
+        with N.device_path():
+            got = float(gg.get_total_norm(broken))
+        assert math.isnan(got) if math.isnan(bad) else got == math.inf

@@ -45,10 +45,12 @@ How it is computed:
   (float32-accurate, no whole-tensor copy); while ``torch.compile`` traces, CPU tensors take the accelerator path
   (no host read, no graph break), and a ``torch.cond`` in the graph recomputes a non-finite or tiny float32 /
   bfloat16 2-norm total with float64 accumulation.
-  Not rescued on a path with no host read: eager :func:`device_path` on CPU and accelerators other than CUDA
-  (float32 squares overflow above about 1.8e19 and underflow below about 1e-19); on CUDA, ``foreach=False`` and
-  orders other than 1 and 2 (p-th powers in float32); under ``torch.compile``, per-tensor norms and orders other
-  than 2. There a total that overflows is ``inf`` and the step is skipped as non-finite.
+  Eager on the CPU, a 2-norm total that comes out non-finite or tiny is recomputed as ``m ‖g/m‖`` with device ops
+  (the decision is a shape, not a value read: see :func:`_eager_rescue`).
+  Not rescued on a path with no host read: accelerators other than CUDA (float32 squares overflow above about
+  1.8e19 and underflow below about 1e-19); on CUDA, ``foreach=False`` and orders other than 1 and 2 (p-th powers in
+  float32); on the CPU, per-tensor norms and orders other than 2. There a total that overflows is ``inf`` and the
+  step is skipped as non-finite.
 
 A NaN anywhere gives a NaN norm, an infinite element an infinite norm, so ``torch.isfinite(total)`` is the
 finite flag of the whole gradient set at no extra cost.
@@ -906,9 +908,38 @@ def _cpu_device_path_total(group: list[Tensor]) -> Tensor:
     if not large and not small:
         return torch.zeros((), dtype=acc)
     total = _rows_total(large, acc, small)  # all combined in float64: squares above 3.4e38 do not overflow there
-    if acc == torch.float32 and torch.compiler.is_compiling():
+    if acc != torch.float32:
+        return total
+    if torch.compiler.is_compiling():
         return _compiled_rescue(total, group)
-    return total
+    return _eager_rescue(total, group)
+
+
+def _eager_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
+    """Eager, no host read: ``total`` if it is finite and not tiny, else :func:`_scaled_total` of the group.
+
+    Deciding needs no value on the host: ``nonzero`` of the 1-element "suspect" mask gives a shape, 0 or 1, which
+    this CPU-only path reads as metadata (on CPU the mask is computed there anyway; accelerators never come here: on
+    CUDA the fused kernel accumulates in float64). So the common case costs two scalar ops and no pass."""
+    suspect = torch.logical_not(torch.isfinite(total)) | (total < _TINY[torch.float32] ** 0.5)
+    if suspect.reshape(1).nonzero().shape[0] == 0:
+        return total
+    return _scaled_total(group, total.dtype)
+
+
+def _scaled_total(group: list[Tensor], acc: torch.dtype) -> Tensor:
+    """The 2-norm of a same-dtype CPU group as ``m ‖g/m‖`` from the largest magnitude ``m``, with device ops only:
+    two passes over the gradients and one chunk-sized temporary, for the rare total that overflowed or underflowed
+    (the squares of values scaled to at most 1 are taken in float64). Non-finite inputs give ``m`` inf or NaN, and a
+    result of inf or NaN, as they should."""
+    ts = [t for t in group if t.numel()]
+    if not ts:
+        return torch.zeros((), dtype=acc)
+    m = torch.stack([torch.linalg.vector_norm(t, math.inf).to(acc) for t in ts]).amax()
+    s = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+    chunks = [c for t in ts for c in torch.split(t.reshape(-1), _CHUNK)]
+    parts = [torch.linalg.vector_norm(c.to(acc) / s, dtype=torch.float64) for c in chunks]
+    return (torch.linalg.vector_norm(torch.stack(parts)) * s).to(acc)
 
 
 def _compiled_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
