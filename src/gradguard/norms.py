@@ -557,9 +557,9 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if len(tensors) <= _FEW:  # fixed costs only: one _foreach_norm call, as torch
         if native and all(0 < t.numel() <= _SPLIT for t in tensors):
             total = _norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p)
-            return _cpu_rescue_total(total, tensors, p, scratch)
+            return _cpu_rescue_total(total, tensors, p)
         if p == 2.0 and tensors[0].dtype == torch.bfloat16 and all(_DIRECT <= t.numel() <= _SPLIT for t in tensors):
-            return _cpu_rescue_total(_rows_total(tensors, acc), tensors, p, scratch)  # each reduced whole there
+            return _cpu_rescue_total(_rows_total(tensors, acc), tensors, p)  # each reduced whole there
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     few: list[Tensor] = []
     if direct and p == 2.0 and sum(len(items) for items in by_rest.values()) <= _FEW:
@@ -574,7 +574,7 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
         parts.append(_norms_partial(torch.stack(torch._foreach_norm(views, p)), p))
     if not parts:
         return torch.zeros((), dtype=acc)
-    return _cpu_rescue_total(_merge(parts, p), tensors, p, scratch)
+    return _cpu_rescue_total(_merge(parts, p), tensors, p)
 
 
 def _partition(
@@ -652,7 +652,7 @@ def _cpu_group_norms(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if not math.isinf(p):  # a CPU read: free
         values = torch.stack(out).tolist()
         if any(_suspect(v, p, acc) for v in values):
-            out = [_rescaled_norm(t, p, scratch) if _suspect(v, p, acc) else n for v, n, t in zip(values, out, tensors)]
+            out = [_scaled_total([t], acc, p) if _suspect(v, p, acc) else n for v, n, t in zip(values, out, tensors)]
     return out
 
 
@@ -712,7 +712,8 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
 # result comes out non-finite or below _TINY ** (1/p), it is recomputed here from the largest magnitude m:
 # ‖t‖_p = m ‖t / m‖_p, whose largest term is 1. Non-finite inputs give m = inf or NaN, and the result is m itself (the
 # true norm); so finite inputs up to the dtype maximum always give a finite, accurate norm. The common case pays one
-# host read of a CPU scalar (free on CPU).
+# host read of a CPU scalar (free on CPU); the no-host-read CPU path decides by a shape instead (_eager_rescue) and
+# recomputes with the same _scaled_total.
 _TINY = {torch.float32: 1e-20, torch.float64: 1e-280}  # p-th powers summing below this may have lost precision
 
 
@@ -721,25 +722,26 @@ def _suspect(value: float, p: float, acc: torch.dtype) -> bool:
     return not math.isfinite(value) or (p > 1 and value < _TINY[acc] ** (1.0 / p))
 
 
-def _rescaled_norm(t: Tensor, p: float, scratch: _UpcastBuffer) -> Tensor:
-    """``‖t‖_p`` (finite ``p > 0``) of one CPU tensor without overflow, in its accumulation dtype."""
-    acc = accumulation_dtype(t.dtype)
-    if t.numel() == 0:
-        return _empty_norm(p, acc)
-    if t.is_complex():
-        t = t.abs()
-    m = _cpu_tensor_norm(t, math.inf, scratch)
-    if not (math.isfinite(m.item()) and m.item() > 0):
-        return m  # inf, NaN or 0: exactly the norm
-    parts = [torch.linalg.vector_norm(c.to(acc, copy=True).div_(m), p) for c in torch.split(t.reshape(-1), _CHUNK)]
-    return _scaled_pnorm(torch.stack(parts), p) * m
-
-
-def _cpu_rescue_total(total: Tensor, tensors: list[Tensor], p: float, scratch: _UpcastBuffer) -> Tensor:
-    """``total`` if finite, else the overflow-free recomputation (see above)."""
+def _cpu_rescue_total(total: Tensor, tensors: list[Tensor], p: float) -> Tensor:
+    """``total`` if finite and not tiny, else the overflow-free recomputation (see above); one host read decides."""
     if math.isinf(p) or not _suspect(total.item(), p, total.dtype):
         return total
-    return combine_norms(torch.stack([_rescaled_norm(t, p, scratch).to(total.dtype) for t in tensors]), p)
+    return _scaled_total(tensors, total.dtype, p)
+
+
+def _scaled_total(group: list[Tensor], acc: torch.dtype, p: float = 2.0) -> Tensor:
+    """The p-norm (``p > 0``) of CPU tensors as ``m ‖g/m‖_p`` from the largest magnitude ``m``, with device ops only:
+    two passes over the gradients and chunk-sized temporaries, for the rare result that overflowed or underflowed
+    (the p-th powers of values scaled to at most 1 are summed in float64). Non-finite inputs give ``m`` inf or NaN
+    and a result of inf or NaN, as they should. In ``acc``."""
+    ts = [t.abs() if t.is_complex() else t for t in group if t.numel()]
+    if not ts:
+        return _empty_norm(p, acc)
+    m = torch.stack([torch.linalg.vector_norm(t, math.inf).to(acc) for t in ts]).amax()
+    s = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
+    chunks = [c for t in ts for c in torch.split(t.reshape(-1), _CHUNK)]
+    parts = [torch.linalg.vector_norm(c.to(acc) / s, p, dtype=torch.float64) for c in chunks]
+    return (torch.linalg.vector_norm(torch.stack(parts), p) * s).to(acc)
 
 
 # ----------------------------------------------------------------------------------------------------- public
@@ -925,21 +927,6 @@ def _eager_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
     if suspect.reshape(1).nonzero().shape[0] == 0:
         return total
     return _scaled_total(group, total.dtype)
-
-
-def _scaled_total(group: list[Tensor], acc: torch.dtype) -> Tensor:
-    """The 2-norm of a same-dtype CPU group as ``m ‖g/m‖`` from the largest magnitude ``m``, with device ops only:
-    two passes over the gradients and one chunk-sized temporary, for the rare total that overflowed or underflowed
-    (the squares of values scaled to at most 1 are taken in float64). Non-finite inputs give ``m`` inf or NaN, and a
-    result of inf or NaN, as they should."""
-    ts = [t for t in group if t.numel()]
-    if not ts:
-        return torch.zeros((), dtype=acc)
-    m = torch.stack([torch.linalg.vector_norm(t, math.inf).to(acc) for t in ts]).amax()
-    s = torch.where((m > 0) & torch.isfinite(m), m, torch.ones_like(m))
-    chunks = [c for t in ts for c in torch.split(t.reshape(-1), _CHUNK)]
-    parts = [torch.linalg.vector_norm(c.to(acc) / s, dtype=torch.float64) for c in chunks]
-    return (torch.linalg.vector_norm(torch.stack(parts)) * s).to(acc)
 
 
 def _compiled_rescue(total: Tensor, group: list[Tensor]) -> Tensor:
