@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.preflight import FRACTION, MIN_BUDGET, Preflight, preflight_kind
+from gradguard.preflight import FRACTION, MIN_CHUNK_BYTES, Preflight, preflight_kind
 
 # (name, factory(params, lr), (lr, gradient) with which one step overflows a weight of 3.3e38, or None: Adadelta's
 # update is bounded by its own ratio of running averages, no learning rate overflows a weight in one step)
@@ -144,27 +144,27 @@ def test_fused_and_per_tensor_optimizers(fused):
             assert torch.equal(q, want)
 
 
-def test_every_chunk_fits_the_budget():
+def test_every_chunk_fits_its_share_of_the_parameter_bytes():
     big = [nn.Parameter(torch.zeros(11_000_000)), nn.Parameter(torch.zeros(2000, 1500)), nn.Parameter(torch.zeros(9))]
     for p in big:
         p.grad = torch.ones_like(p)
     opt = torch.optim.AdamW(big, lr=1e-3)
     opt.step()  # state: exp_avg, exp_avg_sq (parameter-shaped), step (scalar)
-    assert Preflight().budget(opt) == max(int(FRACTION * sum(p.numel() * 4 for p in big)), MIN_BUDGET)
+    assert Preflight().chunk_bytes(opt) == max(int(FRACTION * sum(p.numel() * 4 for p in big)), MIN_CHUNK_BYTES)
     assert FRACTION <= 0.01
-    pf = Preflight(fraction=0.02)  # a budget above the 1 MiB floor for these 56 MB of parameters
+    pf = Preflight(fraction=0.02)  # a chunk size above the 1 MiB floor for these 56 MB of parameters
     param_bytes = sum(p.numel() * 4 for p in big)
-    assert pf.budget(opt) == int(0.02 * param_bytes) > MIN_BUDGET
+    assert pf.chunk_bytes(opt) == int(0.02 * param_bytes) > MIN_CHUNK_BYTES
     per_element = 4 * 4 + 5 * 4  # parameter, gradient, two moments; the update's intermediates
     chunks = pf.plan(opt, big)
     for chunk in chunks:
         elements = sum((p.stop - p.start) if p.start is not None else p.param.numel() for p in chunk)
-        assert elements * per_element <= pf.budget(opt) <= 0.02 * param_bytes
+        assert elements * per_element <= pf.chunk_bytes(opt) <= 0.02 * param_bytes
     assert sum(sum((p.stop - p.start) if p.start is not None else p.param.numel() for p in c) for c in chunks) == \
         sum(p.numel() for p in big)
     assert bool(pf(opt, big))  # the copies live in one workspace, reused by every chunk and every step
     held = sum(b.numel() * b.element_size() for b in pf._workspace.values())
-    assert 0 < held <= pf.budget(opt)
+    assert 0 < held <= pf.chunk_bytes(opt)
     pf(opt, big)
     assert sum(b.numel() * b.element_size() for b in pf._workspace.values()) == held
 
@@ -295,6 +295,6 @@ def test_huge_but_finite_weights_are_not_mistaken_for_a_blow_up():
 @pytest.mark.parametrize(("kwargs", "match"), [({"fraction": 0}, "fraction"), ({"fraction": 1.5}, "fraction"),
                                                ({"fraction": True}, "fraction"), ({"min_bytes": 0}, "min_bytes"),
                                                ({"min_bytes": 2.5}, "min_bytes")])
-def test_bad_budgets_are_refused_by_name(kwargs, match):
+def test_bad_chunk_sizes_are_refused_by_name(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Preflight(**kwargs)

@@ -19,7 +19,7 @@ is no host read (the flag stays on the device until the Guard reads its decision
 The dry-run is exact because it runs the same update code on the same values: a parameter's new value depends only
 on its own gradient and state (and the group's settings). For the *elementwise* torch optimizers (SGD, Adam, AdamW,
 Adamax, NAdam, RAdam, Adagrad, RMSprop, Rprop, ASGD, Adadelta) that holds for every element, so a large tensor is
-split into slices that fit the budget. For torch's other per-tensor optimizers (Adafactor's factored moments, Muon's
+split into slices that fit the chunk size. For torch's other per-tensor optimizers (Adafactor's factored moments, Muon's
 orthogonalised matrix update) a tensor is stepped whole, so a chunk holds at least the largest parameter (and its
 state); so is a parameter that is not contiguous (``channels_last``), and each dtype of a mixed-precision model has
 its own workspace. An optimizer whose ``step`` gradguard does not know (a custom class, a subclass overriding
@@ -49,7 +49,7 @@ from gradguard.distributed import dtensor_type, is_dtensor, local_tensor
 __all__ = ["Preflight", "preflight_kind"]
 
 FRACTION = 0.01  # of the parameter bytes: the most a chunk of copies may hold (the Guard's total stays < 5%)
-MIN_BUDGET = 1 << 20  # bytes: below this a chunk costs more in Python than it saves in memory
+MIN_CHUNK_BYTES = 1 << 20  # bytes: below this a chunk costs more in Python than it saves in memory
 
 _ELEMENTWISE_NAMES = ("SGD", "Adam", "AdamW", "Adamax", "NAdam", "RAdam", "Adagrad", "RMSprop", "Rprop", "ASGD",
                       "Adadelta")
@@ -103,7 +103,7 @@ class Preflight:
         (False, [3.0000000054977558e+38, 1.0])
     """
 
-    def __init__(self, fraction: float = FRACTION, min_bytes: int = MIN_BUDGET) -> None:
+    def __init__(self, fraction: float = FRACTION, min_bytes: int = MIN_CHUNK_BYTES) -> None:
         if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0 < fraction <= 1:
             raise ValueError(f"fraction must be a number in (0, 1], got {fraction!r}")
         if not isinstance(min_bytes, int) or isinstance(min_bytes, bool) or min_bytes < 1:
@@ -112,7 +112,7 @@ class Preflight:
         self.min_bytes = min_bytes
         self._workspace: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
-    def budget(self, optimizer: torch.optim.Optimizer) -> int:
+    def chunk_bytes(self, optimizer: torch.optim.Optimizer) -> int:
         """Bytes a chunk of copies may hold: ``max(fraction x parameter bytes, min_bytes)``."""
         total = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
         return max(int(self.fraction * total), self.min_bytes)
@@ -140,15 +140,15 @@ class Preflight:
         return list(bad.values())
 
     def plan(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[list[_Piece]]:
-        """The chunks: lists of pieces (whole tensors or slices) whose copies fit :meth:`budget` (a chunk holds one
-        whole tensor larger than the budget where the optimizer is not elementwise)."""
+        """The chunks: lists of pieces (whole tensors or slices) whose copies fit :meth:`chunk_bytes` (a chunk holds one
+        whole tensor larger than that where the optimizer is not elementwise)."""
         kind = preflight_kind(optimizer)
         if kind is None:
             raise TypeError(
                 f"{type(optimizer).__name__}.step is not one of torch.optim's, so it cannot be dry-run safely; use "
                 "a transactional backup (Guard(param_check='backup'))"
             )
-        budget = self.budget(optimizer)
+        limit = self.chunk_bytes(optimizer)
         owner = {id(p): i for i, g in enumerate(optimizer.param_groups) for p in g["params"]}
         chunks: list[list[_Piece]] = []
         chunk: list[_Piece] = []
@@ -163,8 +163,8 @@ class Preflight:
                 )
             per_element, sliceable = _cost(optimizer, p, kind == "elementwise")
             n = local_tensor(p).numel()
-            if not sliceable or n * per_element <= budget - used:  # whole: in this chunk, or to start the next
-                if chunk and used + n * per_element > budget:
+            if not sliceable or n * per_element <= limit - used:  # whole: in this chunk, or to start the next
+                if chunk and used + n * per_element > limit:
                     chunks.append(chunk)
                     chunk, used = [], 0
                 chunk.append(_Piece(owner[id(p)], p, None, None))
@@ -172,13 +172,13 @@ class Preflight:
                 continue
             start = 0
             while start < n:
-                take = min(n - start, (budget - used) // per_element)
+                take = min(n - start, (limit - used) // per_element)
                 if take <= 0:
                     if chunk:
                         chunks.append(chunk)
                         chunk, used = [], 0
                         continue
-                    take = 1  # one element costs more than the whole budget: progress regardless
+                    take = 1  # one element costs more than the whole chunk: progress regardless
                 chunk.append(_Piece(owner[id(p)], p, start, start + take))
                 used += take * per_element
                 start += take
