@@ -342,3 +342,37 @@ def test_long_write_pass_on_the_cpu_workers_equals_the_loop(dtype, monkeypatch):
         assert not torch.equal(p.grad, b)  # really scaled
     assert float(gg.get_total_norm([p.grad for p in params])) == pytest.approx(0.5, rel=1e-2)
     assert float(total) > 0.5
+
+
+def test_the_functions_run_without_autograd_and_leave_grad_mode_as_it_was():
+    # gradguard._nograd.no_grad: gradients off inside (no graph recorded, even for parameters that require grad),
+    # grad mode back as it was afterwards, also after an error, and a plain call when it is already off.
+    from gradguard._nograd import no_grad
+
+    seen = []
+
+    @no_grad
+    def probe(x: torch.Tensor) -> torch.Tensor:
+        """Doc."""
+        seen.append(torch.is_grad_enabled())
+        if x.numel() == 0:
+            raise ValueError("empty")
+        return x * 2
+
+    w = torch.ones(3, requires_grad=True)
+    assert not probe(w).requires_grad and torch.is_grad_enabled()
+    with pytest.raises(ValueError):
+        probe(torch.zeros(0))
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        probe(w)
+        assert not torch.is_grad_enabled()
+    assert seen == [False, False, False]
+    assert probe.__name__ == "probe" and probe.__doc__ == "Doc."
+
+    params = make_params([(3, 4), (5,)])
+    total = gg.clip_grad_norm_(params, 1e-3)
+    assert not total.requires_grad and torch.is_grad_enabled()
+    with pytest.raises(ValueError):
+        gg.clip_grad_norm_(params, -1.0)
+    assert torch.is_grad_enabled()

@@ -440,3 +440,33 @@ def test_no_host_read_path_on_cpu_rescues_overflow_and_underflow_without_reading
         with N.device_path():
             got = float(gg.get_total_norm(broken))
         assert math.isnan(got) if math.isnan(bad) else got == math.inf
+
+
+def test_the_cpu_write_pass_is_one_call_below_the_workers_threshold_and_shared_above(monkeypatch):
+    # worth_workers decides: below it the write pass is one _foreach_mul_ over all tensors on the caller's thread;
+    # above it, tasks on the workers. The bits are the same either way.
+    import gradguard.scaling as S
+
+    monkeypatch.setattr(N, "_TASK", 1 << 14)  # the threshold is then _POOL_MIN x 16K values
+    calls = []
+    real = torch._foreach_mul_
+    monkeypatch.setattr(
+        torch, "_foreach_mul_", lambda xs, c: (calls.append((len(xs), threading.current_thread().name)), real(xs, c))[1]
+    )
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for count in (N._POOL_MIN - 3, N._POOL_MIN + 2):  # tensors of 20K values: below, then above the threshold
+            ts = [torch.randn(20_000, generator=torch.Generator().manual_seed(i)) for i in range(count)]
+            want = [t * 0.25 for t in ts]
+            calls.clear()
+            S._mul_groups(ts, torch.tensor(0.25), None, all_cpu=True)
+            assert all(torch.equal(t, w) for t, w in zip(ts, want))
+            if not N.worth_workers(count * 20_000):
+                assert calls == [(count, threading.current_thread().name)]
+            elif N._WORKERS.omp() is not None:
+                assert len(calls) == count and sum(n for n, _ in calls) == count  # one task per tensor
+                assert any(name.startswith("gradguard-cpu") for _, name in calls)
+        assert not N.worth_workers(N._TASK * N._POOL_MIN - 1) and N.worth_workers(N._TASK * N._POOL_MIN)
+    finally:
+        torch.set_num_threads(before)
