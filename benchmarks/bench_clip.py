@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 import gradguard as gg
+from gradguard.cli import _positive_int  # the CLI's positive-integer argument type
 from shapes import (
     gpt2_small_shapes,
     llama_1b_shapes,
@@ -139,22 +140,11 @@ DEFAULT = "gpt2,gpt2-bf16,gpt2-fp16,resnet50,small,tiny10,tiny1k,medium64"
 SWEEP = ",".join(CASES)
 
 
-def _positive(text: str) -> int:
-    """An argparse type: a positive integer (``--rounds 0`` or ``--reps 0`` would leave nothing to take a median of)."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
-    return n
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=_positive, default=11)
+    ap.add_argument("--rounds", type=_positive_int, default=11)
     ap.add_argument("--cases", default=DEFAULT, help=f"comma-separated subset of {SWEEP}, or 'sweep' for all")
-    ap.add_argument("--reps", type=_positive, default=1, help="timed calls per contender per round (median counts)")
+    ap.add_argument("--reps", type=_positive_int, default=1, help="timed calls per contender per round (median counts)")
     ap.add_argument("--busy", action="store_true", help="run a CPU-bound subprocess beside the benchmark")
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args(argv)
