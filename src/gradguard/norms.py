@@ -554,12 +554,8 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer) ->
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
     native = tensors[0].dtype == acc
-    if len(tensors) <= _FEW:  # fixed costs only: one _foreach_norm call, as torch
-        if native and all(0 < t.numel() <= _SPLIT for t in tensors):
-            total = _norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p)
-            return _cpu_rescue_total(total, tensors, p)
-        if p == 2.0 and tensors[0].dtype == torch.bfloat16 and all(_DIRECT <= t.numel() <= _SPLIT for t in tensors):
-            return _cpu_rescue_total(_rows_total(tensors, acc), tensors, p)  # each reduced whole there
+    if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
+        return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p)
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     few: list[Tensor] = []
     if direct and p == 2.0 and sum(len(items) for items in by_rest.values()) <= _FEW:
