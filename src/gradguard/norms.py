@@ -670,13 +670,9 @@ def _wide(device: torch.device, p: float, acc: torch.dtype) -> bool:
 
 
 def _device_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> Tensor:
-    """The per-tensor norms of a same-(device, dtype) group with device ops only, stacked: float64 where
-    :func:`_wide` (the caller combines them, then casts), else in the accumulation dtype."""
-    return torch.stack(_device_group_norms(tensors, p, foreach))
-
-
-def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -> list[Tensor]:
-    """Per-tensor norms of a same-(device, dtype) group on an accelerator: one fused kernel, no host read."""
+    """Per-tensor norms of a same-(device, dtype) group with device ops only (one fused kernel on an accelerator, no
+    host read), stacked: float64 where :func:`_wide` (the caller combines them, then casts), else in the
+    accumulation dtype."""
     acc = accumulation_dtype(tensors[0].dtype)
     out: list[Tensor | None] = [None] * len(tensors)
     nonempty = [i for i, t in enumerate(tensors) if t.numel()]
@@ -698,7 +694,7 @@ def _device_group_norms(tensors: list[Tensor], p: float, foreach: bool | None) -
         if n is None:
             empty = empty if empty is not None else _empty_norm(p, acc, tensors[i].device)
             out[i] = empty
-    return out  # type: ignore[return-value]
+    return torch.stack(out)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------- overflow fallback
