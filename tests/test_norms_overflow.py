@@ -470,3 +470,51 @@ def test_the_cpu_write_pass_is_one_call_below_the_workers_threshold_and_shared_a
         assert not N.worth_workers(N._TASK * N._POOL_MIN - 1) and N.worth_workers(N._TASK * N._POOL_MIN)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "sizes",
+    [
+        [5000, 3, 0, 40_000, 65_536],  # float32/float64: few tensors, none over _SPLIT -> one _foreach_norm
+        [20_000] * 64,  # the 64-tensor case of the benchmarks
+        [70_000, 10, 9000, 0, 100],  # one over _SPLIT: rows, the small ones joining
+        [9000] + [7] * 64,  # exactly _FEW small ones beside a large one
+        [9000] * 100 + [7] * 40,  # many large tensors, few small ones (a Llama's shape)
+    ],
+)
+def test_the_one_pass_common_path_is_taken_and_exact(dtype, sizes):
+    # clip_grad_norm_'s usual call (one CPU dtype, few small tensors) is taken in one pass over the tensors, before
+    # any grouping. The same tensors give the same bits whether they are the whole call or one dtype group of it.
+    gen = torch.Generator().manual_seed(len(sizes))
+    ts = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
+    common = N._cpu_2norm_common(ts)
+    assert common is not None and common.dtype == N.accumulation_dtype(dtype)
+    assert torch.equal(N.total_norm(ts), common)
+    assert torch.equal(N._cpu_group_total(ts, 2.0, N._UpcastBuffer()), common)  # as one group among others
+    rel = 1e-6 if dtype != torch.bfloat16 else 2**-8  # bf16: each tensor of <= 64K values is one rounded norm
+    assert float(common) == pytest.approx(_exact(ts, 2), rel=rel)
+    other = torch.full((5,), 2.0, dtype=torch.float16)  # a second dtype: two groups, the same total
+    assert float(gg.get_total_norm([*ts, other])) == pytest.approx(math.hypot(float(common), 2.0 * 5**0.5), rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ts",
+    [
+        [torch.ones(9000), torch.ones(10, dtype=torch.float64)],
+        [torch.ones(9000, dtype=torch.float16)],
+        [torch.ones(9000)] + [torch.ones(3)] * 65,
+        [torch.ones(3)] * 65,
+        [torch.ones(9000, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16).expand(4000, 3)],
+    ],
+    ids=["mixed-dtypes", "float16", "many-small", "only-small", "bf16-non-contiguous"],
+)
+def test_the_common_path_steps_aside_for_the_other_cases(ts):
+    # Two dtypes, float16, or more than _FEW small tensors (concatenated by the general path): the common path says
+    # None, and the general one gives the exact total.
+    if ts[0].dtype == torch.bfloat16:  # a non-contiguous bf16 tensor is still the common case (a reshape copies it)
+        assert N._cpu_2norm_common(ts) is not None
+    else:
+        assert N._cpu_2norm_common(ts) is None
+    rel = 1e-6 if ts[0].dtype != torch.bfloat16 else 2**-8
+    assert float(gg.get_total_norm(ts)) == pytest.approx(_exact(ts, 2), rel=rel)

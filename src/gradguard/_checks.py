@@ -21,6 +21,7 @@ __all__ = [
     "check_monitor",
     "check_nonnegative",
     "check_norm_type",
+    "not_a_tensor",
     "tensor_list",
 ]
 
@@ -80,19 +81,25 @@ def check_foreach(foreach: Any) -> bool | None:
     return foreach
 
 
-def tensor_list(items: Tensor | Iterable[Any], name: str) -> list[Tensor]:
-    """Materialise ``items`` (one tensor or an iterable of tensors) as a list, checking every element is a tensor."""
+def tensor_list(items: Tensor | Iterable[Any], name: str, *, check: bool = True) -> list[Tensor]:
+    """Materialise ``items`` (one tensor or an iterable of tensors) as a list, checking every element is a tensor
+    (``check=False``: the caller checks them in its own pass, with :func:`not_a_tensor`)."""
     if isinstance(items, Tensor):
         return [items]
     if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
         raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(items).__name__}")
     out = list(items)
-    bad = [i for i, t in enumerate(out) if not isinstance(t, Tensor)]
-    if bad:
-        i, t = bad[0], out[bad[0]]
-        hint = " (drop the None entries, e.g. [p.grad for p in params if p.grad is not None])" if t is None else ""
-        raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}{hint}")
+    if check:
+        for i, t in enumerate(out):
+            if not isinstance(t, Tensor):
+                raise not_a_tensor(name, i, t)
     return out
+
+
+def not_a_tensor(name: str, i: int, item: object) -> TypeError:
+    """The error for entry ``i`` of ``name`` not being a tensor (with the fix for the common ``None``)."""
+    hint = " (drop the None entries, e.g. [p.grad for p in params if p.grad is not None])" if item is None else ""
+    return TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(item).__name__}{hint}")
 
 
 def check_gradient(grad: Tensor, where: str, *, complex_ok: bool = True) -> None:
