@@ -126,7 +126,9 @@ _SUPPORTED = FLOAT_DTYPES | COMPLEX_DTYPES
 # tasks out costs more than it saves), kernels run inline with torch's own threading.
 _TASK = 1 << 22  # values per task (16 MiB of float32): ~1 ms of work against ~5 us to hand a task out
 _POOL_MIN = 8  # fewer tasks (under 32M values) run inline: waking the workers costs ~0.2 ms, and on ResNet-50
-# (25.6M values) idle the workers were measured slower than torch's own threading
+# (25.6M values) idle the workers were measured slower than torch's own threading. One reason: after every
+# multi-threaded torch kernel (the backward pass, the restore of a benchmark) libgomp's idle worker spins for 4-8 ms
+# of CPU before it sleeps, so for that long a Python worker shares the second core with it.
 _T = TypeVar("_T")
 
 
