@@ -8,10 +8,12 @@ the gradients of one model (restored, untimed, before every call), in interleave
   reduction per tensor, single-threaded on CPU whatever the thread count, one accumulation chain per tensor
   (relative error 7e-4 at 16M float32 values);
 * ``rows``: gradguard's row kernel (``torch.linalg.vector_norm(rows, dim=-1)`` per tensor, rows of up to 1024
-  values), accurate to 1e-6 (each row a short sum), with torch's OpenMP threads and on one thread (``1t``);
+  values, a tensor's tail of fewer than 1024 values left out), accurate to 1e-6 (each row a short sum), with
+  torch's OpenMP threads and on one thread (``1t``); for float16 it is torch's float16-output kernel, which
+  gradguard does not use (see ``gradguard fp16``);
 * ``mkl dot``: ``torch.dot(t, t)`` per tensor (BLAS), with torch's threads and on one thread; fast, but off by up
   to 2e-5 on constant float32 data at 1M values (7e-6 at 256K);
-* ``sum``: ``torch.sum`` per tensor, the read floor of ``bench_clip.py``;
+* ``sum``: ``torch.sum`` per tensor (``bench_clip.py``'s read floor, here over the same tensors as the others);
 * ``mul_``: ``torch._foreach_mul_`` by a 0-d factor (the write pass of a clip, torch's and gradguard's alike);
 * float16 only: ``upcast copy``, each tensor copied 256K values at a time into a float32 buffer (what an exact
   float16 norm has to do on CPU: torch has no float16 reduction with a float32 result that skips the copy), and

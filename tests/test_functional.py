@@ -376,3 +376,27 @@ def test_the_functions_run_without_autograd_and_leave_grad_mode_as_it_was():
     with pytest.raises(ValueError):
         gg.clip_grad_norm_(params, -1.0)
     assert torch.is_grad_enabled()
+
+
+def test_the_cpu_write_pass_counts_a_dtensors_local_values(tmp_path, monkeypatch):
+    # Whether the write pass goes to the CPU workers depends on the values this rank writes: a DTensor's local shard,
+    # not its global size (here a shard of 10 values of an 80-value tensor).
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    import gradguard.scaling as S
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        local = torch.full((10,), 2.0)
+        d = DTensor.from_local(local, mesh, [Shard(0)], shape=torch.Size([80]), stride=(1,))
+        seen = []
+        real = S.worth_workers
+        monkeypatch.setattr(S, "worth_workers", lambda n: seen.append(n) or real(n))
+        S.clip_to_norm_([d], 1.0, torch.tensor(4.0))
+        assert seen == [10]
+        torch.testing.assert_close(d.to_local(), torch.full((10,), 2.0 / (4.0 + 1e-6)))
+    finally:
+        dist.destroy_process_group()

@@ -491,7 +491,6 @@ def test_the_one_pass_common_path_is_taken_and_exact(dtype, sizes):
     common = N._cpu_2norm_common(ts)
     assert common is not None and common.dtype == N.accumulation_dtype(dtype)
     assert torch.equal(N.total_norm(ts), common)
-    assert torch.equal(N._cpu_group_total(ts, 2.0, N._UpcastBuffer()), common)  # as one group among others
     rel = 1e-6 if dtype != torch.bfloat16 else 2**-8  # bf16: each tensor of <= 64K values is one rounded norm
     assert float(common) == pytest.approx(_exact(ts, 2), rel=rel)
     other = torch.full((5,), 2.0, dtype=torch.float16)  # a second dtype: two groups, the same total
@@ -512,9 +511,31 @@ def test_the_one_pass_common_path_is_taken_and_exact(dtype, sizes):
 def test_the_common_path_steps_aside_for_the_other_cases(ts):
     # Two dtypes, float16, or more than _FEW small tensors (concatenated by the general path): the common path says
     # None, and the general one gives the exact total.
-    if ts[0].dtype == torch.bfloat16:  # a non-contiguous bf16 tensor is still the common case (a reshape copies it)
+    if ts[0].dtype == torch.bfloat16:  # a non-contiguous bf16 tensor is still the common case
         assert N._cpu_2norm_common(ts) is not None
     else:
         assert N._cpu_2norm_common(ts) is None
     rel = 1e-6 if ts[0].dtype != torch.bfloat16 else 2**-8
     assert float(gg.get_total_norm(ts)) == pytest.approx(_exact(ts, 2), rel=rel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", range(12))
+def test_few_float32_tensors_give_torchs_bits(dtype, seed):
+    # Up to 64 float32/float64 tensors of at most 64K values (empty ones too) are reduced as torch reduces them: one
+    # _foreach_norm in input order, combined in the same dtype. So the total is torch's, bit for bit.
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [int(k) for k in torch.randint(0, 9000, (int(torch.randint(1, 65, (1,), generator=gen)),), generator=gen)]
+    sizes[::3] = [0 if k % 2 else 100 for k in sizes[::3]]  # empty and short tensors between longer ones
+    ts = [torch.randn(n, generator=gen, dtype=dtype) * 10 ** float(torch.randn(1, generator=gen)) for n in sizes]
+    assert torch.equal(gg.get_total_norm(ts), torch.nn.utils.get_total_norm(ts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_common_path_rescues_overflow_and_is_not_taken_without_host_reads(dtype, monkeypatch):
+    few = [torch.full((100,), 3e19, dtype=dtype), torch.full((9000,), 3e19, dtype=dtype)]  # squares overflow fp32
+    assert N._cpu_2norm_common(few) is not None
+    assert float(gg.get_total_norm(few)) == pytest.approx(_exact(few, 2), rel=1e-6 if dtype == torch.float32 else 1e-2)
+    monkeypatch.setattr(N, "_cpu_2norm_common", lambda ts: pytest.fail("host-read path taken"))
+    with N.device_path():  # Guard(host_sync=False) and torch.compile: the no-host-read kernels
+        assert float(gg.get_total_norm(few)) == pytest.approx(_exact(few, 2), rel=1e-6 if dtype == torch.float32 else 1e-2)

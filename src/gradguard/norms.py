@@ -585,11 +585,13 @@ def _cpu_2norm_common(tensors: list[Tensor]) -> Tensor | None:
     """The 2-norm of the common CPU case in one pass over the tensors, else None (another path applies).
 
     The common case: every tensor on the CPU, of one dtype among float32 / float64 / bfloat16, and either
-    (a) float32/float64, at most _FEW tensors of at most _SPLIT values (one ``_foreach_norm``: fixed costs only), or
-    (b) at least one of _DIRECT values or more, beside at most _FEW smaller ones (:func:`_rows_total`, the small
-    ones joining as one more call). Empty tensors add nothing. Same kernels and bits as taking the groups apart;
-    what it saves is Python: each pass over the tensors, and each layer of calls, costs tens of microseconds on
-    caches cold from the gradients just written (measured on 64 tensors of 16K-64K values: the grouping, the
+    (a) float32/float64, at most _FEW tensors of at most _SPLIT values: one ``_foreach_norm`` over all of them in
+    input order, empty ones included, combined in float32 (torch's own computation, so the same bits as
+    ``torch.nn.utils.get_total_norm`` where nothing overflows), or (b) at least one of _DIRECT values or more,
+    beside at most _FEW smaller non-empty ones (:func:`_rows_total`, the small ones joining as one more call).
+    The same kernels whether the tensors are a whole call or one dtype group of it; what it saves is Python: each
+    pass over the tensors, and each layer of calls, costs tens of microseconds on caches cold from the gradients
+    just written (measured on 64 tensors of 16K-64K values: the grouping, the
     partition and the row pass cost ~90 us over a bare ``_foreach_norm``, on a ~0.5 ms norm).
     """
     dtype = tensors[0].dtype
@@ -613,8 +615,7 @@ def _cpu_2norm_common(tensors: list[Tensor]) -> Tensor | None:
     if dtype == acc and len(large) + len(small) <= _FEW and longest <= _SPLIT:
         if not large and not small:
             return torch.zeros((), dtype=acc)
-        nonempty = large + small if small else large
-        total = _norms_partial(torch.stack(torch._foreach_norm(nonempty, 2.0)), 2.0)
+        total = _norms_partial(torch.stack(torch._foreach_norm(tensors, 2.0)), 2.0)  # in order, as torch
     elif large:
         total = _rows_total(large, acc, small, longest)
     else:

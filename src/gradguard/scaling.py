@@ -78,8 +78,9 @@ def clip_to_norm_(tensors: Sequence[Tensor], max_norm: float, norm: Tensor, fore
     """
     if not tensors:
         return
-    cpu = _cpu_values(tensors) if host_reads_allowed() and norm.is_cpu else None
-    if cpu is None:
+    ts = _locals(tensors) if host_reads_allowed() and norm.is_cpu else None  # DTensors: their local shards
+    cpu = _cpu_values(ts) if ts is not None else None
+    if ts is None or cpu is None:
         scale_(tensors, clip_coefficient(max_norm, norm), foreach)
         return
     v = norm.item()
@@ -91,7 +92,6 @@ def clip_to_norm_(tensors: Sequence[Tensor], max_norm: float, norm: Tensor, fore
         c = min(_f32(_f32(max_norm) / _f32(v + _f32(EPS))), 1.0)
     if c < 1.0:  # a 0-d float32 factor, as torch: a host scalar would be rounded to fp16 (1e-8 -> 0) on some paths
         values, all_bf16 = cpu
-        ts = _locals(tensors)
         # bf16 gradients: a bf16 factor, rounded down (see _bf16_down)
         factor = torch.tensor(_bf16_down(c), dtype=torch.bfloat16) if all_bf16 else torch.tensor(c, dtype=norm.dtype)
         _mul_groups(ts, factor, foreach, all_cpu=True, values=values)
