@@ -539,3 +539,20 @@ def test_the_common_path_rescues_overflow_and_is_not_taken_without_host_reads(dt
     monkeypatch.setattr(N, "_cpu_2norm_common", lambda ts: pytest.fail("host-read path taken"))
     with N.device_path():  # Guard(host_sync=False) and torch.compile: the no-host-read kernels
         assert float(gg.get_total_norm(few)) == pytest.approx(_exact(few, 2), rel=1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("p", [2.0, 3.5])
+def test_where_torchs_own_test_expects_an_overflow_the_norm_is_finite(p):
+    # torch's test_clip_grad_norm_error_if_nonfinite expects a float64 gradient of 2e200 to give a non-finite 2-norm
+    # and 3.5-norm (its sum of powers overflows float64) and error_if_nonfinite=True to raise. The true norm is
+    # finite: gradguard returns it and clips, and the clipped gradients have the norm asked for.
+    g = torch.full((10,), 2e200, dtype=torch.float64)
+    theirs = torch.ones(10, dtype=torch.float64, requires_grad=True)
+    theirs.grad = g.clone()
+    with pytest.raises(RuntimeError, match="non-finite"):
+        torch.nn.utils.clip_grad_norm_([theirs], 1.0, norm_type=p, error_if_nonfinite=True)
+    ours = torch.ones(10, dtype=torch.float64, requires_grad=True)
+    ours.grad = g.clone()
+    total = gg.clip_grad_norm_([ours], 1.0, norm_type=p, error_if_nonfinite=True)
+    assert float(total) == pytest.approx(2e200 * 10 ** (1 / p), rel=1e-12)
+    assert float(gg.get_total_norm([ours.grad], p)) == pytest.approx(1.0, rel=1e-12)
