@@ -141,3 +141,12 @@ def test_the_no_host_read_path_agrees_with_float64_for_every_dtype(norm_type, dt
     assert per.tolist() == pytest.approx(exact, rel=1e-4 if dtype == torch.complex64 else max(rel, 5e-6))
     assert float(total) == pytest.approx(want_total, rel=rel)
     assert float(total) == pytest.approx(float(host), rel=rel)
+
+
+@pytest.mark.parametrize("value", [1e30, 1e-30, 3.0])
+@pytest.mark.parametrize("p", [-2.0, -1.0, -0.5, 0.0, -math.inf])
+def test_orders_zero_and_below_are_torchs_computation_overflow_included(value, p):
+    # The README: the overflow rescue is for p > 0; orders <= 0 are computed as torch computes them (the -2-norm of
+    # float32 values of 1e30 overflows to inf in both, that of 1e-30 to 0).
+    ts = [torch.full((10,), value), torch.full((3,), 2 * value)]
+    assert torch.equal(gg.get_total_norm(ts, p), torch.nn.utils.get_total_norm(ts, p))

@@ -32,9 +32,10 @@ How it is computed:
   when only the total is needed, small tensors concatenated so that thousands of them cost a few kernel calls;
 * every order torch accepts: ``p > 0``, ``inf``, and ``0``, ``p < 0``, ``-inf`` (per-tensor norms by torch's
   kernel, combined as torch combines them: for ``p = 0`` the total counts the tensors with a non-zero entry);
-* finite inputs never give an infinite norm: on CPU a result that is non-finite or tiny is recomputed as
-  ``m ‖g/m‖_p`` from the largest magnitude ``m`` (only then: one host read of a CPU scalar decides), and norms are
-  always combined that way with device ops;
+* finite inputs never give an infinite norm for ``p > 0``: on CPU a result that is non-finite or tiny is recomputed
+  as ``m ‖g/m‖_p`` from the largest magnitude ``m`` (only then: one host read of a CPU scalar decides), and norms
+  are always combined that way with device ops. Orders ``p <= 0`` are torch's computation, overflow included (the
+  -2-norm of float32 values of 1e30 is ``inf`` in both);
 * on accelerators, one ``torch._foreach_norm`` call per group (a fused multi-tensor kernel); nothing is read back
   to the host. On CUDA its 1- and 2-norms are asked for in float64, and torch's kernel accumulates in its output
   dtype: the same single pass, and no finite float32 / 16-bit gradient overflows it;
