@@ -592,8 +592,8 @@ def _cpu_2norm_common(tensors: list[Tensor]) -> Tensor | None:
     beside at most _FEW smaller non-empty ones (:func:`_rows_total`, the small ones joining as one more call).
     The same kernels whether the tensors are a whole call or one dtype group of it; what it saves is Python: each
     pass over the tensors, and each layer of calls, costs tens of microseconds on caches cold from the gradients
-    just written (measured on 64 tensors of 16K-64K values: the grouping, the
-    partition and the row pass cost ~90 us over a bare ``_foreach_norm``, on a ~0.5 ms norm).
+    just written (measured on 64 tensors of 16K-64K values: the grouping, the partition and the row pass cost
+    ~90 us over a bare ``_foreach_norm``, on a ~0.5 ms norm).
     """
     dtype = tensors[0].dtype
     if dtype not in _ROW_DTYPES:
