@@ -488,7 +488,7 @@ def test_the_one_pass_common_path_is_taken_and_exact(dtype, sizes):
     # any grouping. The same tensors give the same bits whether they are the whole call or one dtype group of it.
     gen = torch.Generator().manual_seed(len(sizes))
     ts = [torch.randn(n, generator=gen, dtype=torch.float64).to(dtype) for n in sizes]
-    common = N._cpu_2norm_common(ts)
+    common = N._cpu_common_total(ts)
     assert common is not None and common.dtype == N.accumulation_dtype(dtype)
     assert torch.equal(N.total_norm(ts), common)
     rel = 1e-6 if dtype != torch.bfloat16 else 2**-8  # bf16: each tensor of <= 64K values is one rounded norm
@@ -512,9 +512,9 @@ def test_the_common_path_steps_aside_for_the_other_cases(ts):
     # Two dtypes, float16, or more than _FEW small tensors (concatenated by the general path): the common path says
     # None, and the general one gives the exact total.
     if ts[0].dtype == torch.bfloat16:  # a non-contiguous bf16 tensor is still the common case
-        assert N._cpu_2norm_common(ts) is not None
+        assert N._cpu_common_total(ts) is not None
     else:
-        assert N._cpu_2norm_common(ts) is None
+        assert N._cpu_common_total(ts) is None
     rel = 1e-6 if ts[0].dtype != torch.bfloat16 else 2**-8
     assert float(gg.get_total_norm(ts)) == pytest.approx(_exact(ts, 2), rel=rel)
 
@@ -534,9 +534,9 @@ def test_few_float32_tensors_give_torchs_bits(dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_common_path_rescues_overflow_and_is_not_taken_without_host_reads(dtype, monkeypatch):
     few = [torch.full((100,), 3e19, dtype=dtype), torch.full((9000,), 3e19, dtype=dtype)]  # squares overflow fp32
-    assert N._cpu_2norm_common(few) is not None
+    assert N._cpu_common_total(few) is not None
     assert float(gg.get_total_norm(few)) == pytest.approx(_exact(few, 2), rel=1e-6 if dtype == torch.float32 else 1e-2)
-    monkeypatch.setattr(N, "_cpu_2norm_common", lambda ts: pytest.fail("host-read path taken"))
+    monkeypatch.setattr(N, "_cpu_common_total", lambda ts, p=2.0: pytest.fail("host-read path taken"))
     with N.device_path():  # Guard(host_sync=False) and torch.compile: the no-host-read kernels
         assert float(gg.get_total_norm(few)) == pytest.approx(_exact(few, 2), rel=1e-6 if dtype == torch.float32 else 1e-2)
 

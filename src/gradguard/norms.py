@@ -562,13 +562,11 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer, *,
     acc = accumulation_dtype(tensors[0].dtype)
     if tensors[0].is_complex():
         return combine_norms(torch.stack([_cpu_tensor_norm(t, p, scratch) for t in tensors]), p)
-    if p == 2.0 and common:  # (common=False: the caller has just tried it on these tensors)
-        total = _cpu_2norm_common(tensors)
+    if common:  # (common=False: the caller has just tried it on these tensors)
+        total = _cpu_common_total(tensors, p)
         if total is not None:
             return total
     native = tensors[0].dtype == acc
-    if native and len(tensors) <= _FEW and all(0 < t.numel() <= _SPLIT for t in tensors):  # fixed costs only
-        return _cpu_rescue_total(_norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p), tensors, p)
     parts, by_rest, direct = _partition(tensors, p, native, scratch)
     for rest, items in by_rest.items():
         parts.extend(_concatenated_partials(rest, items, p, acc, scratch))
@@ -582,21 +580,24 @@ def _cpu_group_total(tensors: list[Tensor], p: float, scratch: _UpcastBuffer, *,
     return _cpu_rescue_total(_merge(parts, p), tensors, p)
 
 
-def _cpu_2norm_common(tensors: list[Tensor]) -> Tensor | None:
-    """The 2-norm of the common CPU case in one pass over the tensors, else None (another path applies).
+def _cpu_common_total(tensors: list[Tensor], p: float = 2.0) -> Tensor | None:
+    """The total norm (``p > 0`` or inf) of the common CPU case in one pass over the tensors, else None (the general
+    path of :func:`_cpu_group_total` applies).
 
     The common case: every tensor on the CPU, of one dtype among float32 / float64 / bfloat16, and either
-    (a) float32/float64, at most _FEW tensors of at most _SPLIT values: one ``_foreach_norm`` over all of them in
-    input order, empty ones included, combined in float32 (torch's own computation, so the same bits as
-    ``torch.nn.utils.get_total_norm`` where nothing overflows), or (b) at least one of _DIRECT values or more,
-    beside at most _FEW smaller non-empty ones (:func:`_rows_total`, the small ones joining as one more call).
-    The same kernels whether the tensors are a whole call or one dtype group of it; what it saves is Python: each
-    pass over the tensors, and each layer of calls, costs tens of microseconds on caches cold from the gradients
-    just written (measured on 64 tensors of 16K-64K values: the grouping, the partition and the row pass cost
-    ~90 us over a bare ``_foreach_norm``, on a ~0.5 ms norm).
+    (a) float32/float64, at most _FEW tensors of at most _SPLIT values: fixed costs only, one ``_foreach_norm`` over
+    all of them in input order, combined in their dtype (torch's own computation, so the same bits as
+    ``torch.nn.utils.get_total_norm`` where nothing overflows; empty tensors are included for ``p = 2``, while for
+    other orders, inf among them, a group with an empty tensor takes the general path), or (b) ``p = 2`` and at
+    least one tensor of _DIRECT values or more, beside at most _FEW smaller non-empty ones (:func:`_rows_total`,
+    the small ones joining as one more call). The same kernels whether the tensors are a whole call or one dtype
+    group of it; what it saves is Python: each pass over the tensors, and each layer of calls, costs tens of
+    microseconds on caches cold from the gradients just written (measured on 64 tensors of 16K-64K values: the
+    grouping, the partition and the row pass cost ~90 us over a bare ``_foreach_norm``, on a ~0.5 ms norm).
     """
     dtype = tensors[0].dtype
-    if dtype not in _ROW_DTYPES:
+    acc = accumulation_dtype(dtype)
+    if dtype not in _ROW_DTYPES or (p != 2.0 and dtype != acc):  # bf16 takes case (b) only
         return None
     large: list[Tensor] = []
     small: list[Tensor] = []
@@ -606,22 +607,25 @@ def _cpu_2norm_common(tensors: list[Tensor]) -> Tensor | None:
             return None
         n = t.numel()
         if n >= _DIRECT:
+            if n > _SPLIT and p != 2.0:  # neither case: bail out early
+                return None
             large.append(t)
             longest = max(longest, n)
         elif n:
             if len(small) == _FEW:  # many small tensors: concatenated by the general path (bail out early)
                 return None
             small.append(t)
-    acc = accumulation_dtype(dtype)
+        elif p != 2.0:  # an empty tensor: case (a) for 2-norms only (torch has no inf-norm of an empty tensor)
+            return None
     if dtype == acc and len(large) + len(small) <= _FEW and longest <= _SPLIT:
         if not large and not small:
             return torch.zeros((), dtype=acc)
-        total = _norms_partial(torch.stack(torch._foreach_norm(tensors, 2.0)), 2.0)  # in order, as torch
-    elif large:
+        total = _norms_partial(torch.stack(torch._foreach_norm(tensors, p)), p)  # in order, as torch
+    elif large and p == 2.0:
         total = _rows_total(large, acc, small, longest)
     else:
         return None
-    return _cpu_rescue_total(total, tensors, 2.0)
+    return _cpu_rescue_total(total, tensors, p)
 
 
 def _partition(
@@ -919,8 +923,8 @@ def _dtensor_groups(
 def _local_total(ts: list[Tensor], p: float, foreach: bool | None) -> Tensor:
     if not ts:
         return torch.tensor(0.0)
-    if p == 2.0 and host_reads_allowed():
-        common = _cpu_2norm_common(ts)  # one pass, before any grouping: the usual call
+    if not _exotic(p) and host_reads_allowed():
+        common = _cpu_common_total(ts, p)  # one pass, before any grouping: the usual call
         if common is not None:
             return common
     first = ts[0].device
